@@ -1,0 +1,33 @@
+"""veomni_omni: Qwen3-Omni-MoE for VeOmni. Importing it applies the patch set and hands
+VeOmni's registries our classes; `undo()` restores upstream transformers and VeOmni."""
+
+from . import patching as _patching
+from . import registry as _registry
+from .patching import OPT_OUT_ENV, PatchFingerprintError
+from .patchset import PATCHES
+
+_HOOKS = ((_registry.register, _registry.unregister),)
+
+
+def apply() -> None:
+    """Apply the patch set and the registry hand-over (idempotent)."""
+    _patching.apply(PATCHES, _HOOKS)
+
+
+def undo() -> None:
+    """Restore transformers' and VeOmni's originals (idempotent)."""
+    _patching.undo(PATCHES)
+
+
+def is_applied() -> bool:
+    return _patching.is_applied()
+
+
+def unpatched():
+    """Context manager: run a block against upstream transformers/VeOmni, then re-apply."""
+    return _patching.suspended(PATCHES, _HOOKS)
+
+
+apply()
+
+__all__ = ["PATCHES", "OPT_OUT_ENV", "PatchFingerprintError", "apply", "undo", "is_applied", "unpatched"]

@@ -1,0 +1,108 @@
+"""Encoder passes of the thinker: one ViT pass for images and videos together, and audio."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+_MODALITY_PREFIXES = ("image_", "video_")
+
+
+@dataclass
+class VisionOutput:
+    """Merged ViT outputs, in placeholder order within each modality."""
+
+    image_embeds: Optional[torch.Tensor]  # (n_image_tokens, H) or None
+    video_embeds: Optional[torch.Tensor]  # (n_video_tokens, H) or None
+    deepstack: list[tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]  # per level: (image, video)
+
+
+def _tokens_per_item(grid_thw: torch.Tensor, merge_size: int) -> int:
+    return int(grid_thw.prod(-1).sum()) // merge_size**2
+
+
+def encode_vision(
+    thinker_model,
+    pixel_values: Optional[torch.Tensor],
+    image_grid_thw: Optional[torch.Tensor],
+    pixel_values_videos: Optional[torch.Tensor],
+    video_grid_thw: Optional[torch.Tensor],
+    mm_encoder_outputs: Optional[dict],
+    kwargs: dict,
+) -> Optional[VisionOutput]:
+    """Run the ViT once over all images and videos of the batch (HF runs it once per modality).
+
+    Precomputed encoder outputs (`mm_encoder_outputs`) and modality-prefixed precomputed ViT
+    kwargs (`image_cu_seqlens`, ...) are honoured by taking HF's per-modality path for them.
+    """
+    mm_encoder_outputs = dict(mm_encoder_outputs or {})
+    if any(key.startswith(_MODALITY_PREFIXES) for key in kwargs):
+        if pixel_values is not None:
+            mm_encoder_outputs["image"] = thinker_model.get_image_features(
+                pixel_values, image_grid_thw, return_dict=True, **kwargs
+            )
+        if pixel_values_videos is not None:
+            mm_encoder_outputs["video"] = thinker_model.get_video_features(
+                pixel_values_videos, video_grid_thw, return_dict=True, **kwargs
+            )
+        pixel_values = pixel_values_videos = None
+
+    if pixel_values is None and pixel_values_videos is None:
+        return _from_precomputed(mm_encoder_outputs)
+
+    visual = thinker_model.visual
+    parts = [(p, g) for p, g in ((pixel_values, image_grid_thw), (pixel_values_videos, video_grid_thw)) if p is not None]
+    pixels = torch.cat([p.type(visual.dtype) for p, _ in parts], dim=0)
+    grid_thw = torch.cat([g for _, g in parts], dim=0)
+    vision_kwargs = {key: value for key, value in kwargs.items() if key in _VISION_KWARGS}
+    out = visual(pixels, grid_thw=grid_thw, return_dict=True, **vision_kwargs)
+
+    n_image = _tokens_per_item(image_grid_thw, visual.spatial_merge_size) if pixel_values is not None else 0
+
+    def split(features: torch.Tensor):
+        image = features[:n_image] if pixel_values is not None else None
+        video = features[n_image:] if pixel_values_videos is not None else None
+        return image, video
+
+    image_embeds, video_embeds = split(out.pooler_output)
+    return VisionOutput(image_embeds, video_embeds, [split(level) for level in out.deepstack_features])
+
+
+# Keys of the thinker forward's **kwargs that belong to the ViT (output capturing flags).
+_VISION_KWARGS = ("output_attentions", "output_hidden_states")
+
+
+def _from_precomputed(mm_encoder_outputs: dict) -> Optional[VisionOutput]:
+    image, video = mm_encoder_outputs.get("image"), mm_encoder_outputs.get("video")
+    if image is None and video is None:
+        return None
+
+    def pooled(output):
+        return None if output is None else torch.cat(output.pooler_output, dim=0)
+
+    def levels(output):
+        return [torch.cat(level, dim=0) for level in output.deepstack_features] if output is not None else None
+
+    image_levels, video_levels = levels(image), levels(video)
+    n_levels = len(image_levels if image_levels is not None else video_levels)
+    deepstack = [
+        (image_levels[i] if image_levels else None, video_levels[i] if video_levels else None) for i in range(n_levels)
+    ]
+    return VisionOutput(pooled(image), pooled(video), deepstack)
+
+
+def encode_audio(
+    thinker_model,
+    input_features: Optional[torch.Tensor],
+    feature_attention_mask: Optional[torch.Tensor],
+    audio_feature_lengths: Optional[torch.Tensor],
+    kwargs: dict,
+) -> Optional[torch.Tensor]:
+    """Audio tower output, (n_audio_tokens, H), clips in placeholder order."""
+    if input_features is None:
+        return None
+    return thinker_model.get_audio_features(
+        input_features, feature_attention_mask, audio_feature_lengths, return_dict=True, **kwargs
+    ).last_hidden_state

@@ -1,0 +1,241 @@
+"""Thinker forward: embeddings → encoders → fill-back of encoder outputs → text decoder."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers.modeling_outputs import MoeModelOutputWithPast
+from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf_modeling
+from transformers.utils import can_return_tuple
+
+from .encoders import encode_audio, encode_vision
+
+
+def placeholder_mask(
+    self,
+    input_ids: Optional[torch.LongTensor],
+    inputs_embeds: torch.Tensor,
+    image_features: Optional[torch.Tensor] = None,
+    video_features: Optional[torch.Tensor] = None,
+    audio_features: Optional[torch.Tensor] = None,
+):
+    """HF's placeholder masks, (B, S, 1) each, with the token/feature count checked for every
+    modality given features (HF never checks audio, so a mismatch scattered garbage)."""
+    token_ids = {"image": self.config.image_token_id, "video": self.config.video_token_id, "audio": self.config.audio_token_id}
+    features = {"image": image_features, "video": video_features, "audio": audio_features}
+    masks = []
+    for modality, token_id in token_ids.items():
+        if input_ids is None:
+            token_embed = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+            mask = (inputs_embeds == token_embed).all(-1)
+        else:
+            mask = input_ids == token_id
+        if features[modality] is not None:
+            n_tokens, n_features = int(mask.sum()), features[modality].shape[0]
+            if n_tokens != n_features:
+                raise ValueError(
+                    f"{modality.capitalize()} features and {modality} tokens do not match: "
+                    f"{n_tokens} {modality} placeholder tokens in input_ids, {n_features} {modality} encoder outputs."
+                )
+        masks.append(mask.unsqueeze(-1).to(inputs_embeds.device))
+    return tuple(masks)
+
+
+def _visual_order(image_mask: Optional[torch.Tensor], video_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Index into cat(image_rows, video_rows) giving the rows in sequence order of all visual tokens."""
+    visual = image_mask | video_mask
+    is_image = image_mask[visual]
+    image_rank = is_image.cumsum(0) - 1
+    video_rank = (~is_image).cumsum(0) - 1 + is_image.sum()
+    return torch.where(is_image, image_rank, video_rank)
+
+
+def _join_visual(vision, image_mask, video_mask):
+    """Merge image and video rows into one sequence-ordered tensor per deepstack level + main output."""
+    pooled = (vision.image_embeds, vision.video_embeds)
+    if vision.image_embeds is None or vision.video_embeds is None:
+        mask = image_mask if vision.video_embeds is None else video_mask
+        pick = 0 if vision.video_embeds is None else 1
+        return mask, pooled[pick], [level[pick] for level in vision.deepstack]
+    order = _visual_order(image_mask, video_mask)
+    joint = [torch.cat(pair, dim=0)[order] for pair in [pooled, *vision.deepstack]]
+    return image_mask | video_mask, joint[0], joint[1:]
+
+
+@can_return_tuple
+def thinker_model_forward(
+    self,
+    input_ids=None,
+    input_features=None,
+    pixel_values=None,
+    pixel_values_videos=None,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    attention_mask=None,
+    feature_attention_mask=None,
+    audio_feature_lengths=None,
+    position_ids=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    use_cache=None,
+    output_router_logits: Optional[bool] = None,
+    use_audio_in_video=None,
+    video_second_per_grid=None,
+    mm_encoder_outputs=None,
+    **kwargs,
+) -> MoeModelOutputWithPast:
+    if output_router_logits is None:
+        output_router_logits = self.config.text_config.output_router_logits
+    if (pixel_values is not None or pixel_values_videos is not None) and mm_encoder_outputs is not None:
+        raise ValueError("You cannot specify both pixel_values/pixel_values_videos and mm_encoder_outputs at the same time")
+
+    if inputs_embeds is None:
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+
+    # 1. Encoders: audio tower, and one ViT pass for images and videos together.
+    audio_embeds = encode_audio(self, input_features, feature_attention_mask, audio_feature_lengths, kwargs)
+    vision = encode_vision(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, mm_encoder_outputs, kwargs)
+
+    # 2. Fill encoder outputs into their placeholder positions (counts checked for all modalities).
+    image_mask, video_mask, audio_mask = self.get_placeholder_mask(
+        input_ids,
+        inputs_embeds,
+        image_features=vision.image_embeds if vision else None,
+        video_features=vision.video_embeds if vision else None,
+        audio_features=audio_embeds,
+    )
+    if audio_embeds is not None:
+        inputs_embeds = inputs_embeds.masked_scatter(audio_mask, audio_embeds.to(inputs_embeds.device, inputs_embeds.dtype))
+    visual_pos_masks, deepstack_visual_embeds = None, None
+    if vision is not None:
+        visual_pos_masks, visual_embeds, deepstack_visual_embeds = _join_visual(vision, image_mask[..., 0], video_mask[..., 0])
+        visual_embeds = visual_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
+        inputs_embeds = inputs_embeds.masked_scatter(visual_pos_masks.unsqueeze(-1), visual_embeds)
+
+    # 3. 3-axis M-RoPE positions, computed as HF does when not given.
+    if position_ids is None:
+        if feature_attention_mask is not None:
+            audio_feature_lengths = feature_attention_mask.sum(dim=1)
+        position_ids = self.compute_3d_position_ids(
+            input_ids=input_ids,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            use_audio_in_video=use_audio_in_video,
+            audio_feature_lengths=audio_feature_lengths,
+            video_second_per_grid=video_second_per_grid,
+        )
+
+    # 4. Text decoder, with deepstack features added after its first layers.
+    outputs = self.language_model(
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds,
+        use_cache=use_cache,
+        output_router_logits=output_router_logits,
+        deepstack_visual_embeds=deepstack_visual_embeds,
+        visual_pos_masks=visual_pos_masks,
+        **kwargs,
+    )
+    return MoeModelOutputWithPast(
+        last_hidden_state=outputs.last_hidden_state,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+        past_key_values=outputs.past_key_values,
+        router_logits=outputs.router_logits,
+    )
+
+
+def omni_forward(self, *args, **kwargs):
+    """Training forward of the top-level model: the thinker's (talker and code2wav are carried, not run)."""
+    return self.thinker(*args, **kwargs)
+
+
+def _veomni_loss_installed(loss_function) -> bool:
+    """VeOmni's builder replaces transformers' ForCausalLM loss with one returning
+    (loss, logits, aux) that can fuse the lm_head (no full logits tensor)."""
+    return getattr(loss_function, "func", loss_function).__module__.startswith("veomni.")
+
+
+@can_return_tuple
+def thinker_causal_lm_forward(
+    self,
+    input_ids=None,
+    input_features=None,
+    pixel_values=None,
+    pixel_values_videos=None,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    attention_mask=None,
+    feature_attention_mask=None,
+    audio_feature_lengths=None,
+    position_ids=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    labels=None,
+    use_cache=None,
+    output_router_logits: Optional[bool] = None,
+    use_audio_in_video=None,
+    video_second_per_grid=None,
+    mm_encoder_outputs=None,
+    **kwargs,
+):
+    if output_router_logits is None:
+        output_router_logits = self.config.text_config.output_router_logits
+    outputs = self.model(
+        input_ids=input_ids,
+        input_features=input_features,
+        pixel_values=pixel_values,
+        pixel_values_videos=pixel_values_videos,
+        image_grid_thw=image_grid_thw,
+        video_grid_thw=video_grid_thw,
+        attention_mask=attention_mask,
+        feature_attention_mask=feature_attention_mask,
+        audio_feature_lengths=audio_feature_lengths,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds,
+        use_cache=use_cache,
+        use_audio_in_video=use_audio_in_video,
+        video_second_per_grid=video_second_per_grid,
+        mm_encoder_outputs=mm_encoder_outputs,
+        output_router_logits=output_router_logits,
+        **kwargs,
+    )
+    hidden_states = outputs[0]
+    vocab_size = self.config.get_text_config().vocab_size
+
+    loss, logits = None, None
+    if labels is not None and _veomni_loss_installed(self.loss_function):
+        # VeOmni's loss takes the hidden states and lm_head weight; its fused kernels never build logits.
+        loss, logits, _ = self.loss_function(
+            logits=None, labels=labels, vocab_size=vocab_size,
+            hidden_states=hidden_states, weights=self.lm_head.weight, **kwargs,
+        )
+    else:
+        logits = self.lm_head(hidden_states)
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+
+    aux_loss = None
+    if output_router_logits:
+        aux_loss = hf_modeling.load_balancing_loss_func(
+            outputs.router_logits, self.num_experts, self.num_experts_per_tok, attention_mask
+        )
+        if labels is not None:
+            loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
+
+    return hf_modeling.Qwen3OmniMoeThinkerCausalLMOutputWithPast(
+        loss=loss,
+        logits=logits,
+        aux_loss=aux_loss,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+        past_key_values=outputs.past_key_values,
+        rope_deltas=self.model.rope_deltas,
+        router_logits=outputs.router_logits,
+    )

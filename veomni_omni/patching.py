@@ -1,0 +1,199 @@
+"""The patch mechanism: named, fingerprinted, reversible replacements of HF attributes.
+
+A `Patch` replaces (or adds) one attribute of one transformers class. Before anything is
+touched, the source of every function being replaced is hashed and compared with the
+fingerprint the patch was written against; a mismatch raises `PatchFingerprintError`
+naming the function and the installed transformers version, unless the user opts out with
+`VEOMNI_OMNI_ALLOW_UNVERIFIED_PATCHES=1`.
+
+`python -m veomni_omni.patching --write` regenerates `patches/*.diff` (HF original vs our
+replacement); `--check` exits non-zero when one is stale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import inspect
+import os
+import sys
+import textwrap
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import transformers
+
+OPT_OUT_ENV = "VEOMNI_OMNI_ALLOW_UNVERIFIED_PATCHES"
+DIFF_DIR = Path(__file__).resolve().parent.parent / "patches"
+_MISSING = object()
+
+
+class PatchFingerprintError(RuntimeError):
+    """The HF source a patch replaces is not the source it was written against."""
+
+
+def source_of(fn: Callable) -> str:
+    return textwrap.dedent(inspect.getsource(inspect.unwrap(fn)))
+
+
+def fingerprint(fn: Callable) -> str:
+    return hashlib.sha256(source_of(fn).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One replacement: `owner.attr = replacement`.
+
+    `fingerprint` is the hash of the HF source being replaced, or None when the attribute
+    does not exist upstream (an addition, e.g. a forward HF never wrote).
+    """
+
+    name: str
+    owner: type
+    attr: str
+    replacement: Callable
+    fingerprint: Optional[str]
+    why: str
+    test: str
+
+    @property
+    def target(self) -> str:
+        return f"{self.owner.__name__}.{self.attr}"
+
+    def original(self):
+        """The upstream attribute, whether or not the patch is applied now."""
+        if self.target in _state.originals:
+            saved = _state.originals[self.target]
+            return None if saved is _MISSING else saved
+        return self.owner.__dict__.get(self.attr)
+
+    def verify(self) -> None:
+        original = self.original()
+        if self.fingerprint is None:
+            if original is not None:
+                raise PatchFingerprintError(
+                    f"{self.target} now exists in transformers {transformers.__version__}; "
+                    f"veomni_omni's patch '{self.name}' was written to add it, not to replace it. "
+                    f"Set {OPT_OUT_ENV}=1 to apply it anyway."
+                )
+            return
+        if original is None:
+            raise PatchFingerprintError(
+                f"{self.target} does not exist in transformers {transformers.__version__}; "
+                f"veomni_omni's patch '{self.name}' cannot be applied."
+            )
+        found = fingerprint(original)
+        if found != self.fingerprint:
+            raise PatchFingerprintError(
+                f"{self.target} in transformers {transformers.__version__} has changed since veomni_omni's "
+                f"patch '{self.name}' was written (fingerprint {found}, expected {self.fingerprint}). "
+                f"Install transformers>=5.22,<5.23, or set {OPT_OUT_ENV}=1 to apply the patch anyway."
+            )
+
+    def diff(self) -> str:
+        original = self.original()
+        old = source_of(original).splitlines(keepends=True) if original is not None else []
+        new = source_of(self.replacement).splitlines(keepends=True)
+        origin = f"transformers {transformers.__version__}: {self.owner.__module__}.{self.target}"
+        ours = f"veomni_omni: {self.replacement.__module__}.{self.replacement.__qualname__}"
+        header = f"# patch {self.name}: {self.why}\n# test: {self.test}\n"
+        return header + "".join(difflib.unified_diff(old, new, fromfile=origin, tofile=ours))
+
+
+class _State:
+    def __init__(self):
+        self.originals: dict[str, object] = {}
+        self.hooks: list[tuple[Callable[[], None], Callable[[], None]]] = []
+
+
+_state = _State()
+
+
+def is_applied() -> bool:
+    return bool(_state.originals)
+
+
+def apply(patches: Iterable[Patch], on_apply: Iterable[tuple[Callable, Callable]] = ()) -> None:
+    """Apply all patches (idempotent). `on_apply` holds (do, undo) pairs run alongside."""
+    if is_applied():
+        return
+    patches = list(patches)
+    if os.environ.get(OPT_OUT_ENV) != "1":
+        for patch in patches:
+            patch.verify()
+    for patch in patches:
+        _state.originals[patch.target] = patch.owner.__dict__.get(patch.attr, _MISSING)
+        setattr(patch.owner, patch.attr, patch.replacement)
+    for do, undo_fn in on_apply:
+        do()
+        _state.hooks.append((do, undo_fn))
+
+
+def undo(patches: Iterable[Patch]) -> None:
+    """Restore every patched attribute to its upstream value (idempotent)."""
+    for patch in patches:
+        saved = _state.originals.pop(patch.target, None)
+        if saved is None:
+            continue
+        if saved is _MISSING:
+            delattr(patch.owner, patch.attr)
+        else:
+            setattr(patch.owner, patch.attr, saved)
+    for _, undo_fn in reversed(_state.hooks):
+        undo_fn()
+    _state.hooks.clear()
+
+
+@contextmanager
+def suspended(patches: Iterable[Patch], on_apply: Iterable[tuple[Callable, Callable]] = ()):
+    """Run a block against unpatched transformers, re-applying afterwards if needed."""
+    patches, on_apply = list(patches), list(on_apply)
+    was_applied = is_applied()
+    undo(patches)
+    try:
+        yield
+    finally:
+        if was_applied:
+            apply(patches, on_apply)
+
+
+def diff_path(patch: Patch) -> Path:
+    return DIFF_DIR / f"{patch.name}.diff"
+
+
+def stale_diffs(patches: Iterable[Patch]) -> list[str]:
+    return [
+        patch.name
+        for patch in patches
+        if not diff_path(patch).exists() or diff_path(patch).read_text() != patch.diff()
+    ]
+
+
+def main(argv=None) -> int:
+    from .patchset import PATCHES
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--write", action="store_true", help="regenerate patches/*.diff")
+    group.add_argument("--check", action="store_true", help="fail if any patches/*.diff is stale")
+    args = parser.parse_args(argv)
+    if args.write:
+        DIFF_DIR.mkdir(exist_ok=True)
+        for stale in DIFF_DIR.glob("*.diff"):
+            stale.unlink()
+        for patch in PATCHES:
+            diff_path(patch).write_text(patch.diff())
+            print(f"wrote {diff_path(patch)}")
+        return 0
+    stale = stale_diffs(PATCHES)
+    if stale:
+        print(f"stale diffs: {', '.join(stale)}; run `make diffs`", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The whole patch set, on one screen. Each entry: target, fingerprint of the HF source it
+replaces (None: an addition), why, and the test that proves it. Diffs: patches/<name>.diff."""
+
+from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
+
+from .models import init, thinker
+from .patching import Patch
+
+PATCHES = (
+    Patch(
+        name="thinker_model_forward",
+        owner=hf.Qwen3OmniMoeThinkerModel,
+        attr="forward",
+        replacement=thinker.thinker_model_forward,
+        fingerprint="0566724751925bec",
+        why="one ViT pass for images and videos, all placeholder counts checked, encoder outputs filled back in one place",
+        test="tests/test_single_process_parity.py",
+    ),
+    Patch(
+        name="thinker_placeholder_mask",
+        owner=hf.Qwen3OmniMoeThinkerModel,
+        attr="get_placeholder_mask",
+        replacement=thinker.placeholder_mask,
+        fingerprint="500be932655fd0db",
+        why="HF checks image and video placeholder counts but never audio",
+        test="tests/test_single_process_parity.py::test_audio_placeholder_mismatch_raises",
+    ),
+    Patch(
+        name="thinker_causal_lm_forward",
+        owner=hf.Qwen3OmniMoeThinkerForConditionalGeneration,
+        attr="forward",
+        replacement=thinker.thinker_causal_lm_forward,
+        fingerprint="350f919953506ba8",
+        why="VeOmni's builder swaps in a (loss, logits, aux) loss with a fused lm_head; HF's forward breaks on it",
+        test="tests/test_registry.py::test_forward_under_veomni_loss_matches_hf",
+    ),
+    Patch(
+        name="init_weights",
+        owner=hf.Qwen3OmniMoePreTrainedModel,
+        attr="_init_weights",
+        replacement=init.init_weights,
+        fingerprint="c362a0b49cb16902",
+        why="HF 5.22 leaves the talker's MoE experts (torch.empty) and router (zeros) uninitialised",
+        test="tests/test_registry.py::test_veomni_builder_initialises_moe_weights",
+    ),
+    Patch(
+        name="text_init_weights",
+        owner=hf.Qwen3OmniMoeThinkerTextPreTrainedModel,
+        attr="_init_weights",
+        replacement=init.init_weights,
+        fingerprint="e24e9b47be8e8a9f",
+        why="same gap when a talker is built on its own (it inherits the thinker-text init)",
+        test="tests/test_registry.py::test_standalone_talker_is_initialised",
+    ),
+    Patch(
+        name="omni_forward",
+        owner=hf.Qwen3OmniMoeForConditionalGeneration,
+        attr="forward",
+        replacement=thinker.omni_forward,
+        fingerprint=None,
+        why="HF's top-level model has generate but no forward; training runs the thinker",
+        test="tests/test_registry.py::test_top_level_forward_is_thinker",
+    ),
+)

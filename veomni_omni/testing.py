@@ -1,0 +1,255 @@
+"""Tiny Qwen3-Omni-MoE configs, correctly shaped synthetic batches, and the parity bar.
+
+Shared by the tests, the benchmarks and the demo. Shapes follow DESIGN.md section 5: start/end
+tokens around every placeholder run, pixel rows in grid order, one audio row per clip.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeThinkerConfig
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
+
+# Special token ids of the tiny vocabulary (Qwen's real ones are ~151k; same roles).
+TOKENS = dict(
+    pad=0,
+    im_start=490,
+    im_end=491,
+    vision_start=500,
+    vision_end=501,
+    audio_start=502,
+    audio_end=503,
+    image=504,
+    video=505,
+    audio=506,
+)
+TINY_VOCAB = 512
+FIRST_SPECIAL = 480  # plain text tokens are drawn from [1, FIRST_SPECIAL)
+PATCH_DIM = 3 * 2 * 16 * 16  # channels · temporal_patch · patch²
+MEL_BINS = 128
+PARITY_RTOL = 1e-5  # DESIGN.md section 7: max|got − ref| ≤ 1e-5 · max|ref| per tensor
+ROUNDOFF_FLOOR = 1e-6  # see parity_errors
+
+
+def tiny_thinker_config(**text_overrides) -> Qwen3OmniMoeThinkerConfig:
+    """A thinker small enough for CPU that still exercises everything: deepstack levels inside the
+    ViT depth and fewer than the text layers, top-2 of 8 experts, mrope_section summing to head_dim/2."""
+    text = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        moe_intermediate_size=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=0.01,
+        output_router_logits=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "interleaved": True},
+        pad_token_id=TOKENS["pad"],
+    )
+    text.update(text_overrides)
+    return Qwen3OmniMoeThinkerConfig(
+        text_config=text,
+        vision_config=dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=text["hidden_size"],
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0, 1],
+        ),
+        audio_config=dict(
+            encoder_layers=2,
+            encoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            d_model=32,
+            output_dim=text["hidden_size"],
+            downsample_hidden_size=16,
+            num_mel_bins=MEL_BINS,
+        ),
+        vision_start_token_id=TOKENS["vision_start"],
+        audio_start_token_id=TOKENS["audio_start"],
+        image_token_id=TOKENS["image"],
+        video_token_id=TOKENS["video"],
+        audio_token_id=TOKENS["audio"],
+        architectures=["Qwen3OmniMoeThinkerForConditionalGeneration"],
+    )
+
+
+def tiny_omni_config() -> Qwen3OmniMoeConfig:
+    """Top-level config (thinker + a tiny talker and code2wav), as in the released checkpoint."""
+    thinker = tiny_thinker_config()
+    return Qwen3OmniMoeConfig(
+        thinker_config=thinker.to_dict(),
+        talker_config=dict(
+            text_config=dict(
+                vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=8, moe_intermediate_size=8, num_experts=4, num_experts_per_tok=2,
+                shared_expert_intermediate_size=16,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "interleaved": True},
+            ),
+            code_predictor_config=dict(
+                vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=8, num_code_groups=4,
+            ),
+            num_code_groups=4,
+            thinker_hidden_size=32,
+            spatial_merge_size=2,
+            accept_hidden_layer=1,
+        ),
+        code2wav_config=dict(
+            codebook_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+            intermediate_size=32, num_quantizers=4, decoder_dim=16, upsample_rates=(2, 2), upsampling_ratios=(2, 2),
+            sliding_window=8, max_position_embeddings=256,
+        ),
+        architectures=["Qwen3OmniMoeForConditionalGeneration"],
+    )
+
+
+def audio_token_count(frames: int, n_window: int = 50) -> int:
+    return int(_get_feat_extract_output_lengths(torch.tensor(frames), n_window))
+
+
+def _interleaved_audio_video(grid_thw, n_audio: int, second_per_grid: float, per_second: int, merge: int) -> list[int]:
+    """Token order of an audio-in-video clip: video rows of each frame group at time t·spg·per_second,
+    audio tokens at 0,1,2,...; ties go to video (as the HF processor does)."""
+    t, h, w = grid_thw
+    video_times = [ti * second_per_grid * per_second for ti in range(t) for _ in range((h // merge) * (w // merge))]
+    tokens, vi, ai = [], 0, 0
+    while vi < len(video_times) and ai < n_audio:
+        if video_times[vi] <= ai:
+            tokens.append(TOKENS["video"])
+            vi += 1
+        else:
+            tokens.append(TOKENS["audio"])
+            ai += 1
+    return tokens + [TOKENS["video"]] * (len(video_times) - vi) + [TOKENS["audio"]] * (n_audio - ai)
+
+
+def build_batch(rows: list[list[tuple]], config: Optional[Qwen3OmniMoeThinkerConfig] = None, seed: int = 0) -> dict:
+    """Model inputs for `rows`, each a list of segments in sequence order:
+
+    ("prompt", n) untrained text · ("text", n) trained text · ("image", t, h, w) ·
+    ("video", t, h, w) · ("audio", frames) · ("audio_in_video", t, h, w, frames).
+    Grids count ViT patches (h, w even). Rows are right-padded.
+    """
+    config = config or tiny_thinker_config()
+    merge = config.vision_config.spatial_merge_size
+    per_second = config.position_id_per_seconds
+    second_per_grid = 1.0
+    gen = torch.Generator().manual_seed(seed)
+
+    def text_ids(n):
+        return torch.randint(1, FIRST_SPECIAL, (n,), generator=gen).tolist()
+
+    seqs, label_seqs = [], []
+    images, image_grids, videos, video_grids, clips = [], [], [], [], []
+    for row in rows:
+        ids, labels = [], []
+
+        def add(tokens, trained=False):
+            ids.extend(tokens)
+            labels.extend(tokens if trained else [-100] * len(tokens))
+
+        for kind, *spec in row:
+            if kind in ("prompt", "text"):
+                add(text_ids(spec[0]), trained=kind == "text")
+            elif kind == "image":
+                image_grids.append(spec)
+                images.append(torch.randn(spec[0] * spec[1] * spec[2], PATCH_DIM, generator=gen))
+                n = spec[0] * spec[1] * spec[2] // merge**2
+                add([TOKENS["vision_start"]] + [TOKENS["image"]] * n + [TOKENS["vision_end"]])
+            elif kind == "video":
+                video_grids.append(spec)
+                videos.append(torch.randn(spec[0] * spec[1] * spec[2], PATCH_DIM, generator=gen))
+                n = spec[0] * spec[1] * spec[2] // merge**2
+                add([TOKENS["vision_start"]] + [TOKENS["video"]] * n + [TOKENS["vision_end"]])
+            elif kind == "audio":
+                clips.append(torch.randn(MEL_BINS, spec[0], generator=gen))
+                n = audio_token_count(spec[0], config.audio_config.n_window)
+                add([TOKENS["audio_start"]] + [TOKENS["audio"]] * n + [TOKENS["audio_end"]])
+            elif kind == "audio_in_video":
+                grid, frames = spec[:3], spec[3]
+                video_grids.append(grid)
+                videos.append(torch.randn(grid[0] * grid[1] * grid[2], PATCH_DIM, generator=gen))
+                clips.append(torch.randn(MEL_BINS, frames, generator=gen))
+                n_audio = audio_token_count(frames, config.audio_config.n_window)
+                body = _interleaved_audio_video(grid, n_audio, second_per_grid, per_second, merge)
+                add([TOKENS["vision_start"], TOKENS["audio_start"]] + body + [TOKENS["audio_end"], TOKENS["vision_end"]])
+            else:
+                raise ValueError(f"unknown segment kind {kind!r}")
+        seqs.append(ids)
+        label_seqs.append(labels)
+
+    length = max(len(s) for s in seqs)
+    batch = {
+        "input_ids": torch.tensor([s + [TOKENS["pad"]] * (length - len(s)) for s in seqs]),
+        "attention_mask": torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in seqs]),
+        "labels": torch.tensor([s + [-100] * (length - len(s)) for s in label_seqs]),
+    }
+    if images:
+        batch["pixel_values"] = torch.cat(images)
+        batch["image_grid_thw"] = torch.tensor(image_grids)
+    if videos:
+        batch["pixel_values_videos"] = torch.cat(videos)
+        batch["video_grid_thw"] = torch.tensor(video_grids)
+        batch["video_second_per_grid"] = torch.full((len(videos),), second_per_grid)
+    if clips:
+        max_frames = max(c.shape[1] for c in clips)
+        batch["input_features"] = torch.stack([torch.nn.functional.pad(c, (0, max_frames - c.shape[1])) for c in clips])
+        batch["feature_attention_mask"] = torch.tensor(
+            [[1] * c.shape[1] + [0] * (max_frames - c.shape[1]) for c in clips]
+        )
+    if any(kind == "audio_in_video" for row in rows for kind, *_ in row):
+        batch["use_audio_in_video"] = True
+    return batch
+
+
+def loss_and_grads(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, Optional[torch.Tensor]]]:
+    """One forward+backward; returns the detached loss and every parameter's gradient."""
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+def parity_errors(got: dict, ref: dict, rtol: float = PARITY_RTOL) -> list[str]:
+    """Tensors where max|got − ref| > rtol · max|ref| (None must match None).
+
+    A tensor whose reference is at fp32 round-off level (max|ref| below ROUNDOFF_FLOOR times the
+    largest max|ref| of the set) has a true value of zero, e.g. attention key-bias gradients
+    (softmax is shift invariant); it is held to rtol times that floor instead of to its own noise.
+    """
+    scales = {name: r.detach().float().abs().max().item() for name, r in ref.items() if r is not None}
+    floor = ROUNDOFF_FLOOR * max(scales.values(), default=0.0)
+    errors = []
+    for name in ref.keys() | got.keys():
+        g, r = got.get(name), ref.get(name)
+        if g is None or r is None:
+            if (g is None) != (r is None):
+                errors.append(f"{name}: present on one side only")
+            continue
+        diff = (g.detach().float() - r.detach().float()).abs().max().item()
+        bound = rtol * max(scales[name], floor)
+        if diff > bound:
+            errors.append(f"{name}: max|got-ref|={diff:.3e} > {bound:.3e}")
+    return sorted(errors)
+
+
+def max_relative_difference(got: dict, ref: dict) -> float:
+    """Largest max|got − ref| / max|ref| over tensors (for reporting)."""
+    worst = 0.0
+    for name, r in ref.items():
+        g = got.get(name)
+        if g is None or r is None:
+            continue
+        scale = r.detach().float().abs().max().item()
+        if scale > 0:
+            worst = max(worst, (g.detach().float() - r.detach().float()).abs().max().item() / scale)
+    return worst
