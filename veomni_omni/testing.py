@@ -6,9 +6,12 @@ tokens around every placeholder run, pixel rows in grid order, one audio row per
 
 from __future__ import annotations
 
+from functools import partial
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
+from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf_modeling
 from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeThinkerConfig
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
 
@@ -132,12 +135,18 @@ def _interleaved_audio_video(grid_thw, n_audio: int, second_per_grid: float, per
     return tokens + [TOKENS["video"]] * (len(video_times) - vi) + [TOKENS["audio"]] * (n_audio - ai)
 
 
-def build_batch(rows: list[list[tuple]], config: Optional[Qwen3OmniMoeThinkerConfig] = None, seed: int = 0) -> dict:
+def build_batch(
+    rows: list[list[tuple]],
+    config: Optional[Qwen3OmniMoeThinkerConfig] = None,
+    seed: int = 0,
+    with_position_ids: bool = False,
+) -> dict:
     """Model inputs for `rows`, each a list of segments in sequence order:
 
     ("prompt", n) untrained text · ("text", n) trained text · ("image", t, h, w) ·
     ("video", t, h, w) · ("audio", frames) · ("audio_in_video", t, h, w, frames).
-    Grids count ViT patches (h, w even). Rows are right-padded.
+    Grids count ViT patches (h, w even). Rows are right-padded. `with_position_ids` adds the
+    (3, B, S) M-RoPE positions, computed per batch as a data pipeline does (see `rope_position_ids`).
     """
     config = config or tiny_thinker_config()
     merge = config.vision_config.spatial_merge_size
@@ -208,7 +217,29 @@ def build_batch(rows: list[list[tuple]], config: Optional[Qwen3OmniMoeThinkerCon
         )
     if any(kind == "audio_in_video" for row in rows for kind, *_ in row):
         batch["use_audio_in_video"] = True
+    if with_position_ids:
+        batch["position_ids"] = rope_position_ids(batch, config)
     return batch
+
+
+def rope_position_ids(batch: dict, config: Qwen3OmniMoeThinkerConfig) -> torch.Tensor:
+    """HF's own `get_rope_index` on a batch, without a model. Per-batch positions let batches with
+    and without audio-in-video be concatenated (HF's flag is one per forward call)."""
+    owner = hf_modeling.Qwen3OmniMoePreTrainedModelForConditionalGeneration
+    holder = SimpleNamespace(config=config, spatial_merge_size=config.vision_config.spatial_merge_size)
+    holder.get_llm_pos_ids_for_vision = partial(owner.get_llm_pos_ids_for_vision, holder)
+    mask = batch.get("feature_attention_mask")
+    positions, _ = owner.get_rope_index(
+        holder,
+        batch["input_ids"],
+        batch.get("image_grid_thw"),
+        batch.get("video_grid_thw"),
+        batch["attention_mask"],
+        batch.get("use_audio_in_video", False),
+        mask.sum(-1) if mask is not None else None,
+        batch.get("video_second_per_grid"),
+    )
+    return positions
 
 
 def loss_and_grads(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, Optional[torch.Tensor]]]:
@@ -219,37 +250,95 @@ def loss_and_grads(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, d
     return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
 
 
-def parity_errors(got: dict, ref: dict, rtol: float = PARITY_RTOL) -> list[str]:
-    """Tensors where max|got − ref| > rtol · max|ref| (None must match None).
+def _tensor_differences(got: dict, ref: dict):
+    """Per tensor: (name, max|got − ref|, the scale it is judged against), or a one-sided entry.
 
-    A tensor whose reference is at fp32 round-off level (max|ref| below ROUNDOFF_FLOOR times the
-    largest max|ref| of the set) has a true value of zero, e.g. attention key-bias gradients
-    (softmax is shift invariant); it is held to rtol times that floor instead of to its own noise.
+    The scale is max|ref|; a tensor whose reference is at fp32 round-off level (max|ref| below
+    ROUNDOFF_FLOOR times the largest max|ref| of the set) has a true value of zero, e.g. attention
+    key-bias gradients (softmax is shift invariant), and is judged against that floor instead of
+    against its own noise.
     """
     scales = {name: r.detach().float().abs().max().item() for name, r in ref.items() if r is not None}
     floor = ROUNDOFF_FLOOR * max(scales.values(), default=0.0)
-    errors = []
-    for name in ref.keys() | got.keys():
+    for name in sorted(ref.keys() | got.keys()):
         g, r = got.get(name), ref.get(name)
         if g is None or r is None:
-            if (g is None) != (r is None):
-                errors.append(f"{name}: present on one side only")
+            yield name, None if (g is None) == (r is None) else float("inf"), None
             continue
-        diff = (g.detach().float() - r.detach().float()).abs().max().item()
-        bound = rtol * max(scales[name], floor)
-        if diff > bound:
-            errors.append(f"{name}: max|got-ref|={diff:.3e} > {bound:.3e}")
-    return sorted(errors)
+        yield name, (g.detach().float() - r.detach().float()).abs().max().item(), max(scales[name], floor)
+
+
+def parity_errors(got: dict, ref: dict, rtol: float = PARITY_RTOL) -> list[str]:
+    """Tensors where max|got − ref| > rtol · scale (see `_tensor_differences`); None must match None."""
+    errors = []
+    for name, diff, scale in _tensor_differences(got, ref):
+        if diff == float("inf"):
+            errors.append(f"{name}: present on one side only")
+        elif diff is not None and diff > rtol * scale:
+            errors.append(f"{name}: max|got-ref|={diff:.3e} > {rtol * scale:.3e}")
+    return errors
 
 
 def max_relative_difference(got: dict, ref: dict) -> float:
-    """Largest max|got − ref| / max|ref| over tensors (for reporting)."""
-    worst = 0.0
-    for name, r in ref.items():
-        g = got.get(name)
-        if g is None or r is None:
-            continue
-        scale = r.detach().float().abs().max().item()
-        if scale > 0:
-            worst = max(worst, (g.detach().float() - r.detach().float()).abs().max().item() / scale)
-    return worst
+    """Largest max|got − ref| / scale over the tensors present on both sides (for reporting)."""
+    ratios = [diff / scale for _, diff, scale in _tensor_differences(got, ref) if scale]
+    return max(ratios, default=0.0)
+
+
+def run_ranks(script: str, world_size: int, args: list[str], timeout_s: float) -> str:
+    """Run `script` under torchrun on CPU/gloo with `world_size` ranks; return its output.
+
+    Fails with the tail of the output if any rank fails, and kills the whole group (never hangs)
+    if it has not finished within `timeout_s`.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}", script, *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise TimeoutError(
+            f"{world_size}-rank run of {script} did not finish within {timeout_s:.0f} s (a rank is probably stuck "
+            f"in a collective). Last output:\n{output[-4000:]}"
+        )
+    if proc.returncode != 0:
+        # torchrun prefixes each rank's traceback with "[rankN]:"; show those rather than log noise.
+        tracebacks = "\n".join(line for line in output.splitlines() if line.startswith("[rank"))
+        raise RuntimeError(f"{world_size}-rank run of {script} failed (exit {proc.returncode}):\n{(tracebacks or output)[-6000:]}")
+    return output
+
+
+def concat_batches(batches: list[dict]) -> dict:
+    """The global batch of several local (per-rank) batches: rows in order, right-padded to one
+    length; pixel rows, grids and audio clips concatenated in the same order."""
+    length = max(b["input_ids"].shape[1] for b in batches)
+
+    def pad(t, value):
+        return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
+
+    merged = {
+        "input_ids": torch.cat([pad(b["input_ids"], TOKENS["pad"]) for b in batches]),
+        "attention_mask": torch.cat([pad(b["attention_mask"], 0) for b in batches]),
+        "labels": torch.cat([pad(b["labels"], -100) for b in batches]),
+    }
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "video_second_per_grid"):
+        parts = [b[key] for b in batches if key in b]
+        if parts:
+            merged[key] = torch.cat(parts)
+    clips = [(f, m) for b in batches if "input_features" in b for f, m in zip(b["input_features"], b["feature_attention_mask"])]
+    if clips:
+        frames = max(f.shape[-1] for f, _ in clips)
+        merged["input_features"] = torch.stack([torch.nn.functional.pad(f, (0, frames - f.shape[-1])) for f, _ in clips])
+        merged["feature_attention_mask"] = torch.stack([torch.nn.functional.pad(m, (0, frames - m.shape[-1])) for _, m in clips])
+    if any(b.get("use_audio_in_video") for b in batches):
+        merged["use_audio_in_video"] = True
+    if all("position_ids" in b for b in batches):
+        merged["position_ids"] = torch.cat([pad(b["position_ids"].flatten(0, 1), 0).view(3, -1, length) for b in batches], dim=1)
+    return merged

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 _MODALITY_PREFIXES = ("image_", "video_")
 
@@ -106,3 +107,38 @@ def encode_audio(
     return thinker_model.get_audio_features(
         input_features, feature_attention_mask, audio_feature_lengths, return_dict=True, **kwargs
     ).last_hidden_state
+
+
+def encoders_must_run() -> bool:
+    """Under data parallelism every rank must run every encoder every step: FSDP2 all-gathers an
+    encoder's parameters in its forward and reduce-scatters its gradients in backward, so a rank
+    that skips an encoder leaves the others waiting in a collective."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def dummy_vision_forward(visual) -> torch.Tensor:
+    """Smallest valid ViT input (one 2×2-patch image of zeros), in the ViT's own dtype.
+    Returns a scalar that is exactly zero and carries exactly-zero gradients to every ViT parameter."""
+    config = visual.config
+    merge = visual.spatial_merge_size
+    patch_dim = config.in_channels * config.temporal_patch_size * config.patch_size**2
+    device = next(visual.parameters()).device
+    pixels = torch.zeros(merge * merge, patch_dim, dtype=visual.dtype, device=device)
+    grid_thw = torch.tensor([[1, merge, merge]], device=device)
+    out = visual(pixels, grid_thw=grid_thw, return_dict=True)
+    return _zero_contribution([out.pooler_output, *out.deepstack_features])
+
+
+def dummy_audio_forward(thinker_model) -> torch.Tensor:
+    """Smallest valid audio input (one chunk of zero mel frames), in the audio tower's dtype; zero contribution."""
+    tower = thinker_model.audio_tower
+    weight = tower.conv2d1.weight
+    frames = 2 * tower.n_window
+    features = torch.zeros(1, tower.num_mel_bins, frames, dtype=weight.dtype, device=weight.device)
+    mask = torch.ones(1, frames, dtype=torch.long, device=weight.device)
+    out = thinker_model.get_audio_features(features, mask, return_dict=True).last_hidden_state
+    return _zero_contribution([out])
+
+
+def _zero_contribution(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return sum(t.float().sum() for t in tensors) * 0.0

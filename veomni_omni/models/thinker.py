@@ -9,7 +9,7 @@ from transformers.modeling_outputs import MoeModelOutputWithPast
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf_modeling
 from transformers.utils import can_return_tuple
 
-from .encoders import encode_audio, encode_vision
+from .encoders import dummy_audio_forward, dummy_vision_forward, encode_audio, encode_vision, encoders_must_run
 
 
 def placeholder_mask(
@@ -93,9 +93,16 @@ def thinker_model_forward(
     if inputs_embeds is None:
         inputs_embeds = self.get_input_embeddings()(input_ids)
 
-    # 1. Encoders: audio tower, and one ViT pass for images and videos together.
+    # 1. Encoders, always in this order: audio tower, then one ViT pass for images and videos together.
+    # A rank without audio or without images/videos runs that encoder on a dummy input instead, so
+    # every rank issues the same FSDP collectives in the same order.
+    distributed = encoders_must_run()
     audio_embeds = encode_audio(self, input_features, feature_attention_mask, audio_feature_lengths, kwargs)
+    if audio_embeds is None and distributed:
+        inputs_embeds = inputs_embeds + dummy_audio_forward(self).to(inputs_embeds.dtype)
     vision = encode_vision(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, mm_encoder_outputs, kwargs)
+    if vision is None and distributed:
+        inputs_embeds = inputs_embeds + dummy_vision_forward(self.visual).to(inputs_embeds.dtype)
 
     # 2. Fill encoder outputs into their placeholder positions (counts checked for all modalities).
     image_mask, video_mask, audio_mask = self.get_placeholder_mask(
