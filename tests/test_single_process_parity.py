@@ -127,3 +127,25 @@ def test_audio_placeholder_mismatch_raises(tiny_thinker, patched):
     with pytest.raises(ValueError, match=r"audio.*15 audio placeholder tokens.*16 audio encoder outputs"):
         with torch.no_grad():
             model(**batch)
+
+
+def test_precomputed_encoder_inputs_are_honoured(tiny_thinker, patched):
+    """HF's `mm_encoder_outputs` and modality-prefixed precomputed ViT kwargs keep working."""
+    from transformers.vision_utils import get_vision_cu_seqlens
+
+    model, ref_model = tiny_thinker
+    batch = build_batch(CASES["image_and_video_in_one_sample"])
+    with torch.no_grad():
+        expected = model(**batch).logits
+        pixels = {k: batch.pop(k) for k in ("pixel_values", "pixel_values_videos")}
+        mm_outputs = {
+            "image": model.model.get_image_features(pixels["pixel_values"], batch["image_grid_thw"]),
+            "video": model.model.get_video_features(pixels["pixel_values_videos"], batch["video_grid_thw"]),
+        }
+        got = model(**batch, mm_encoder_outputs=mm_outputs).logits
+        with veomni_omni.unpatched():
+            ref = ref_model(**batch, mm_encoder_outputs=mm_outputs).logits
+        prefixed = model(**batch, **pixels, image_cu_seqlens=get_vision_cu_seqlens(batch["image_grid_thw"])).logits
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(prefixed, expected, rtol=1e-5, atol=1e-6)

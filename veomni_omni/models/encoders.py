@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 
 _MODALITY_PREFIXES = ("image_", "video_")
+# Keys of the thinker forward's **kwargs that belong to the ViT (output capturing flags).
+_VISION_KWARGS = ("output_attentions", "output_hidden_states")
 
 
 @dataclass
@@ -69,10 +71,6 @@ def encode_vision(
 
     image_embeds, video_embeds = split(out.pooler_output)
     return VisionOutput(image_embeds, video_embeds, [split(level) for level in out.deepstack_features])
-
-
-# Keys of the thinker forward's **kwargs that belong to the ViT (output capturing flags).
-_VISION_KWARGS = ("output_attentions", "output_hidden_states")
 
 
 def _from_precomputed(mm_encoder_outputs: dict) -> Optional[VisionOutput]:
