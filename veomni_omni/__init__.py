@@ -3,10 +3,14 @@ VeOmni's registries our classes; `undo()` restores upstream transformers and VeO
 
 from . import patching as _patching
 from . import registry as _registry
+from .models import sequence_parallel as _sequence_parallel
 from .patching import OPT_OUT_ENV, PatchFingerprintError
 from .patchset import PATCHES
 
-_HOOKS = ((_registry.register, _registry.unregister),)
+_HOOKS = (
+    (_registry.register, _registry.unregister),
+    (_sequence_parallel.register_attention, _sequence_parallel.unregister_attention),
+)
 
 
 def apply() -> None:

@@ -3,7 +3,7 @@ replaces (None: an addition), why, and the test that proves it. Diffs: patches/<
 
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 
-from .models import init, thinker
+from .models import init, sequence_parallel, thinker
 from .patching import Patch
 
 PATCHES = (
@@ -24,6 +24,15 @@ PATCHES = (
         fingerprint="500be932655fd0db",
         why="HF checks image and video placeholder counts but never audio",
         test="tests/test_single_process_parity.py::test_audio_placeholder_mismatch_raises",
+    ),
+    Patch(
+        name="vision_attention_forward",
+        owner=hf.Qwen3OmniMoeVisionAttention,
+        attr="forward",
+        replacement=sequence_parallel.vision_attention_forward,
+        fingerprint="a125083356db88e3",
+        why="under Ulysses SP each rank holds a slice of the patch sequence: attention gathers it, scattering heads",
+        test="tests/test_sequence_parallel.py",
     ),
     Patch(
         name="thinker_causal_lm_forward",

@@ -38,7 +38,8 @@ ROUNDOFF_FLOOR = 1e-6  # see parity_errors
 
 def tiny_thinker_config(**text_overrides) -> Qwen3OmniMoeThinkerConfig:
     """A thinker small enough for CPU that still exercises everything: deepstack levels inside the
-    ViT depth and fewer than the text layers, top-2 of 8 experts, mrope_section summing to head_dim/2."""
+    ViT depth and fewer than the text layers, top-2 of 8 experts, mrope_section summing to head_dim/2,
+    text and ViT head counts that Ulysses SP of 2 and 4 can scatter."""
     text = dict(
         vocab_size=TINY_VOCAB,
         hidden_size=32,
@@ -62,7 +63,7 @@ def tiny_thinker_config(**text_overrides) -> Qwen3OmniMoeThinkerConfig:
             depth=3,
             hidden_size=32,
             intermediate_size=64,
-            num_heads=2,
+            num_heads=4,
             out_hidden_size=text["hidden_size"],
             num_position_embeddings=64,
             deepstack_visual_indexes=[0, 1],

@@ -114,16 +114,21 @@ def encoders_must_run() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def dummy_vision_forward(visual) -> torch.Tensor:
+def dummy_vision_forward(visual, sp_size: int = 1) -> torch.Tensor:
     """Smallest valid ViT input (one 2×2-patch image of zeros), in the ViT's own dtype.
-    Returns a scalar that is exactly zero and carries exactly-zero gradients to every ViT parameter."""
+    Returns a scalar that is exactly zero and carries exactly-zero gradients to every ViT parameter.
+    Under SP each rank's 2×2 image is one segment of the gathered patch sequence."""
     config = visual.config
     merge = visual.spatial_merge_size
     patch_dim = config.in_channels * config.temporal_patch_size * config.patch_size**2
     device = next(visual.parameters()).device
     pixels = torch.zeros(merge * merge, patch_dim, dtype=visual.dtype, device=device)
     grid_thw = torch.tensor([[1, merge, merge]], device=device)
-    out = visual(pixels, grid_thw=grid_thw, return_dict=True)
+    segments = {}
+    if sp_size > 1:
+        bounds = torch.arange(0, merge * merge * sp_size + 1, merge * merge, dtype=torch.int32, device=device)
+        segments = {"cu_seqlens": bounds, "max_seqlen": merge * merge}
+    out = visual(pixels, grid_thw=grid_thw, return_dict=True, **segments)
     return _zero_contribution([out.pooler_output, *out.deepstack_features])
 
 

@@ -9,6 +9,7 @@ from transformers.modeling_outputs import MoeModelOutputWithPast
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf_modeling
 from transformers.utils import can_return_tuple
 
+from .sequence_parallel import sequence_parallel_forward
 from .encoders import dummy_audio_forward, dummy_vision_forward, encode_audio, encode_vision, encoders_must_run
 
 
@@ -87,6 +88,14 @@ def thinker_model_forward(
 ) -> MoeModelOutputWithPast:
     if output_router_logits is None:
         output_router_logits = self.config.text_config.output_router_logits
+    if position_ids is not None and position_ids.ndim == 3 and position_ids.shape[1] in (3, 4) and position_ids.shape[0] not in (3, 4):
+        position_ids = position_ids.transpose(0, 1)  # collated as (batch, 3, seq); HF wants (3, batch, seq)
+    sp_inputs = kwargs.pop("sp_inputs", None)
+    if sp_inputs is not None:  # this rank holds a slice of a packed sequence (Ulysses SP)
+        return sequence_parallel_forward(
+            self, input_ids, position_ids, sp_inputs, pixel_values, input_features, feature_attention_mask,
+            output_router_logits=output_router_logits, **kwargs,
+        )
     if (pixel_values is not None or pixel_values_videos is not None) and mm_encoder_outputs is not None:
         raise ValueError("You cannot specify both pixel_values/pixel_values_videos and mm_encoder_outputs at the same time")
 

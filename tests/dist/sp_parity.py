@@ -1,0 +1,66 @@
+"""torchrun worker: Ulysses SP (× FSDP2) on packed multimodal sequences. Each SP group packs its
+samples into one sequence; the collator-side sharding gives each rank its slice; the loss is
+normalised as VeOmni's trainer does. Rank 0 saves loss and gathered gradients per case.
+
+argv: checkpoint_dir cases.json out.pt sp_size
+"""
+
+import json
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+import veomni_omni  # noqa: F401
+from veomni.arguments.arguments_types import MixedPrecisionConfig
+from veomni.distributed.parallel_state import get_parallel_state, init_parallel_state
+from veomni.distributed.torch_parallelize import build_parallelize_model
+from veomni.models import build_foundation_model
+from veomni.utils.loss_utils import count_loss_token, mean_global_loss, reduce_global_loss_token
+
+from veomni_omni.data.sequence_parallel import pack_rows, shard_for_sequence_parallel
+from veomni_omni.host import eager_ops_config
+from veomni_omni.models.sequence_parallel import ULYSSES_SDPA
+from veomni_omni.testing import build_batch
+
+
+def main():
+    checkpoint, cases_file, out_file, sp_size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    dist.init_process_group("gloo", timeout=timedelta(seconds=90))
+    world = dist.get_world_size()
+    init_parallel_state(dp_size=world // sp_size, ulysses_size=sp_size, dp_mode="fsdp2", device_type="cpu")
+    state = get_parallel_state()
+    model = build_foundation_model(checkpoint, init_device="meta", torch_dtype="float32", ops_implementation=eager_ops_config())
+    model.config.get_text_config()._attn_implementation = ULYSSES_SDPA
+    model = build_parallelize_model(
+        model, weights_path=checkpoint, init_device="meta", enable_gradient_checkpointing=False,
+        mixed_precision=MixedPrecisionConfig(enable=False), enable_reshard_after_forward=True,
+    )
+    config = model.config
+    results = {}
+    for name, case in json.load(open(cases_file)).items():
+        print(f"rank {dist.get_rank()}: {name} start", flush=True)
+        group = case["groups"][state.dp_rank]
+        packed = pack_rows(build_batch(group["rows"], seed=group["seed"], with_position_ids=True))
+        batch = shard_for_sequence_parallel(packed, config, sp_size, state.sp_rank)
+
+        model.zero_grad(set_to_none=True)
+        tokens = count_loss_token(batch)
+        global_tokens = reduce_global_loss_token(tokens)
+        loss = model(**batch, use_cache=False).loss
+        loss = torch.stack(list(mean_global_loss(loss, tokens, tokens, global_tokens).values())).sum()
+        loss.backward()
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        if dist.get_rank() == 0:
+            results[name] = {"loss": total.item() / world, "grads": grads}
+    if dist.get_rank() == 0:
+        torch.save(results, out_file)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Host-side (collator) preparation of a packed Qwen3-Omni batch for Ulysses sequence parallelism.
+
+Everything that needs a look at the whole sequence is computed here, on the host, once per batch,
+so the model's SP forward does no device-to-host sync and no extra communication:
+- text (input ids, pre-shifted labels, M-RoPE positions) padded to a multiple of sp and sliced;
+  the LM's varlen boundaries (`cu_seq_lens_*`) cover the packed samples plus the pad tail;
+- full-length image/video/audio masks, kept whole on every rank (fill-back needs them);
+- the joint image+video patch sequence padded to a multiple of sp·merge² and sliced, with the
+  ViT's rotary positions and position-embedding interpolation padded and sliced to match, its
+  `cu_seqlens` extended by a segment covering the pad, and `max_seqlen` computed once;
+- deepstack: the order of visual rows in the sequence and the range this rank's slice holds;
+- audio: only the attention windows (n_window_infer frames, whole 2·n_window-frame chunks) that hold
+  this rank's audio tokens, and which of their output rows fill the slice, in order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
+from transformers.vision_utils import (
+    get_vision_cu_seqlens,
+    get_vision_interpolation_indices_and_weights,
+    get_vision_position_ids,
+)
+
+IGNORE_INDEX = -100
+
+
+def pack_rows(batch: dict) -> dict:
+    """Pack a right-padded (B, S) batch into one row (1, L) of its samples, as a packing collator
+    does: padding dropped, each sample's first label ignored, `cu_seq_lens` marking the samples.
+    Requires `position_ids` (3, B, S), computed per sample."""
+    keep = batch["attention_mask"].bool()
+    lengths = keep.sum(-1)
+    labels = batch["labels"].clone()
+    labels[:, 0] = IGNORE_INDEX
+    packed = {key: value for key, value in batch.items() if key not in ("input_ids", "labels", "attention_mask", "position_ids")}
+    packed["input_ids"] = batch["input_ids"][keep].unsqueeze(0)
+    packed["labels"] = labels[keep].unsqueeze(0)
+    packed["position_ids"] = batch["position_ids"][:, keep].unsqueeze(1)
+    packed["cu_seq_lens"] = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    return packed
+
+
+def check_divisible_heads(config, sp_size: int) -> None:
+    """Ulysses scatters attention heads over the SP group: they must divide evenly."""
+    text, vision = config.text_config, config.vision_config
+    problems = []
+    if text.num_attention_heads % sp_size:
+        problems.append(f"text attention heads ({text.num_attention_heads})")
+    kv = text.num_key_value_heads
+    if (kv % sp_size) if kv >= sp_size else (sp_size % kv):
+        problems.append(f"text key/value heads ({kv}; must divide or be divisible by the SP size)")
+    if vision.num_heads % sp_size:
+        problems.append(f"vision heads ({vision.num_heads})")
+    if problems:
+        raise ValueError(f"Ulysses SP size {sp_size} does not divide the {', '.join(problems)}; choose another ulysses_size.")
+
+
+def shard_for_sequence_parallel(packed: dict, config, sp_size: int, sp_rank: int) -> dict:
+    """This rank's model inputs for a packed (1, L) batch. See the module docstring."""
+    check_divisible_heads(config, sp_size)
+    input_ids = packed["input_ids"]
+    length = input_ids.shape[1]
+    chunk = math.ceil(length / sp_size)
+    pad = chunk * sp_size - length
+    begin, end = sp_rank * chunk, (sp_rank + 1) * chunk
+
+    labels = F.pad(packed["labels"][:, 1:], (0, 1 + pad), value=IGNORE_INDEX)  # pre-shifted
+    ids = F.pad(input_ids, (0, pad), value=0)
+    positions = F.pad(packed["position_ids"], (0, pad), value=0)
+    cu = packed["cu_seq_lens"]
+    if pad:
+        cu = torch.cat([cu, cu.new_tensor([length + pad])])
+    masks = {m: ids == getattr(config, f"{m}_token_id") for m in ("image", "video", "audio")}
+
+    shard = {
+        "input_ids": ids[:, begin:end],
+        "labels": labels[:, begin:end],
+        "position_ids": positions[..., begin:end],
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": int((cu[1:] - cu[:-1]).max()),
+        "max_length_k": int((cu[1:] - cu[:-1]).max()),
+    }
+    sp_inputs = {"sp_size": sp_size, "slice": (begin, end), "image_mask": masks["image"], "video_mask": masks["video"], "audio_mask": masks["audio"]}
+    sp_inputs.update(_vision_shard(packed, config, masks, sp_size, sp_rank, begin, end, shard))
+    sp_inputs.update(_audio_shard(packed, config, masks["audio"], begin, end, shard))
+    shard["sp_inputs"] = sp_inputs
+    return shard
+
+
+def _vision_shard(packed, config, masks, sp_size, sp_rank, begin, end, shard) -> dict:
+    grids = [packed[k] for k in ("image_grid_thw", "video_grid_thw") if k in packed]
+    if not grids:
+        return {}
+    vision = config.vision_config
+    merge = vision.spatial_merge_size
+    pixels = torch.cat([packed[k] for k in ("pixel_values", "pixel_values_videos") if k in packed])
+    grid_thw = torch.cat(grids)
+    n_patches = pixels.shape[0]
+    per_rank = math.ceil(n_patches / (sp_size * merge**2)) * merge**2
+    pad = per_rank * sp_size - n_patches
+    rows = slice(sp_rank * per_rank, (sp_rank + 1) * per_rank)
+
+    cu_seqlens = get_vision_cu_seqlens(grid_thw)
+    if pad:
+        cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor([n_patches + pad])])
+    interp_indices, interp_weights = get_vision_interpolation_indices_and_weights(
+        grid_thw, num_grid_per_side=int(vision.num_position_embeddings**0.5), mode="bilinear",
+        align_corners=True, spatial_merge_size=merge,
+    )
+    rotary_positions = get_vision_position_ids(grid_thw, merge)
+    shard["pixel_values"] = F.pad(pixels, (0, 0, 0, pad))[rows]
+
+    visual_mask = masks["image"] | masks["video"]
+    is_image = masks["image"][visual_mask]
+    n_image = int(is_image.sum())
+    order = torch.where(is_image, is_image.cumsum(0) - 1, (~is_image).cumsum(0) - 1 + n_image)
+    return {
+        "vision_kwargs": {
+            "grid_thw": grid_thw,
+            "cu_seqlens": cu_seqlens,
+            "max_seqlen": int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
+            "interp_indices": F.pad(interp_indices, (0, 0, 0, pad))[rows],
+            "interp_weights": F.pad(interp_weights, (0, 0, 0, pad))[rows],
+            "position_ids": F.pad(rotary_positions, (0, 0, 0, pad))[rows],
+        },
+        "n_visual": int(visual_mask.sum()),
+        "n_image": n_image,
+        "visual_order": order,
+        "visual_rows": (int(visual_mask[:, :begin].sum()), int(visual_mask[:, :end].sum())),
+    }
+
+
+def _audio_shard(packed, config, audio_mask, begin, end, shard) -> dict:
+    if "input_features" not in packed:
+        return {}
+    audio = config.audio_config
+    frames_per_window = audio.n_window_infer
+    if frames_per_window % (2 * audio.n_window):
+        raise ValueError("audio n_window_infer must be a multiple of 2·n_window for per-window encoding")
+    first, last = int(audio_mask[:, :begin].sum()), int(audio_mask[:, :end].sum())  # global audio-token range
+    if first == last:
+        return {}
+
+    features, lengths = packed["input_features"], packed["feature_attention_mask"].sum(-1).tolist()
+    windows, select, token_start, out_rows = [], [], 0, 0
+    for clip, frames in enumerate(lengths):
+        for frame_start in range(0, frames, frames_per_window):
+            n_frames = min(frames_per_window, frames - frame_start)
+            n_tokens = int(_get_feat_extract_output_lengths(torch.tensor(n_frames), audio.n_window))
+            lo, hi = max(first, token_start), min(last, token_start + n_tokens)
+            if lo < hi:  # this window holds tokens of the slice: encode it here
+                windows.append(features[clip, :, frame_start : frame_start + n_frames])
+                select.extend(range(out_rows + lo - token_start, out_rows + hi - token_start))
+                out_rows += n_tokens
+            token_start += n_tokens
+    max_frames = max(w.shape[-1] for w in windows)
+    shard["input_features"] = torch.stack([F.pad(w, (0, max_frames - w.shape[-1])) for w in windows])
+    shard["feature_attention_mask"] = torch.tensor([[1] * w.shape[-1] + [0] * (max_frames - w.shape[-1]) for w in windows])
+    return {"audio_rows": torch.tensor(select)}
