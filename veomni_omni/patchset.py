@@ -35,6 +35,15 @@ PATCHES = (
         test="tests/test_sequence_parallel.py",
     ),
     Patch(
+        name="deepstack_process",
+        owner=hf.Qwen3OmniMoeThinkerTextModel,
+        attr="_deepstack_process",
+        replacement=sequence_parallel.deepstack_process,
+        fingerprint="eba318904730815e",
+        why="under SP the visual positions arrive as indices: an index add, no boolean-mask host sync",
+        test="tests/test_sequence_parallel.py",
+    ),
+    Patch(
         name="thinker_causal_lm_forward",
         owner=hf.Qwen3OmniMoeThinkerForConditionalGeneration,
         attr="forward",

@@ -10,7 +10,10 @@ so the model's SP forward does no device-to-host sync and no extra communication
   `cu_seqlens` extended by a segment covering the pad, and `max_seqlen` computed once;
 - deepstack: the order of visual rows in the sequence and the range this rank's slice holds;
 - audio: only the attention windows (n_window_infer frames, whole 2·n_window-frame chunks) that hold
-  this rank's audio tokens, and which of their output rows fill the slice, in order.
+  this rank's audio tokens, which of their output rows fill the slice, and the audio tower's chunking
+  (padded chunks, valid rows, window boundaries) so the tower needs no look at lengths either;
+- positions (index tensors) wherever the model writes rows into the sequence, so it scatters with
+  index ops rather than boolean masks.
 """
 
 from __future__ import annotations
@@ -19,7 +22,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+    _get_feat_extract_output_lengths,
+    chunk_and_pad_features,
+    get_audio_cu_seqlens,
+    get_valid_indices,
+)
 from transformers.vision_utils import (
     get_vision_cu_seqlens,
     get_vision_interpolation_indices_and_weights,
@@ -86,9 +94,9 @@ def shard_for_sequence_parallel(packed: dict, config, sp_size: int, sp_rank: int
         "max_length_q": int((cu[1:] - cu[:-1]).max()),
         "max_length_k": int((cu[1:] - cu[:-1]).max()),
     }
-    sp_inputs = {"sp_size": sp_size, "slice": (begin, end), "image_mask": masks["image"], "video_mask": masks["video"], "audio_mask": masks["audio"]}
+    sp_inputs = {"sp_size": sp_size, "slice": (begin, end)}
     sp_inputs.update(_vision_shard(packed, config, masks, sp_size, sp_rank, begin, end, shard))
-    sp_inputs.update(_audio_shard(packed, config, masks["audio"], begin, end, shard))
+    sp_inputs.update(_audio_shard(packed, config, masks["audio"], begin, end))
     shard["sp_inputs"] = sp_inputs
     return shard
 
@@ -120,6 +128,7 @@ def _vision_shard(packed, config, masks, sp_size, sp_rank, begin, end, shard) ->
     is_image = masks["image"][visual_mask]
     n_image = int(is_image.sum())
     order = torch.where(is_image, is_image.cumsum(0) - 1, (~is_image).cumsum(0) - 1 + n_image)
+    positions = visual_mask[0].nonzero().squeeze(-1)
     return {
         "vision_kwargs": {
             "grid_thw": grid_thw,
@@ -130,13 +139,14 @@ def _vision_shard(packed, config, masks, sp_size, sp_rank, begin, end, shard) ->
             "position_ids": F.pad(rotary_positions, (0, 0, 0, pad))[rows],
         },
         "n_visual": int(visual_mask.sum()),
-        "n_image": n_image,
         "visual_order": order,
+        "visual_positions": positions,  # in the full (padded) sequence
         "visual_rows": (int(visual_mask[:, :begin].sum()), int(visual_mask[:, :end].sum())),
+        "visual_local_positions": positions[(positions >= begin) & (positions < end)] - begin,
     }
 
 
-def _audio_shard(packed, config, audio_mask, begin, end, shard) -> dict:
+def _audio_shard(packed, config, audio_mask, begin, end) -> dict:
     if "input_features" not in packed:
         return {}
     audio = config.audio_config
@@ -159,7 +169,20 @@ def _audio_shard(packed, config, audio_mask, begin, end, shard) -> dict:
                 select.extend(range(out_rows + lo - token_start, out_rows + hi - token_start))
                 out_rows += n_tokens
             token_start += n_tokens
-    max_frames = max(w.shape[-1] for w in windows)
-    shard["input_features"] = torch.stack([F.pad(w, (0, max_frames - w.shape[-1])) for w in windows])
-    shard["feature_attention_mask"] = torch.tensor([[1] * w.shape[-1] + [0] * (max_frames - w.shape[-1]) for w in windows])
-    return {"audio_rows": torch.tensor(select)}
+    frames = torch.cat(windows, dim=-1)
+    feature_lens = torch.tensor([w.shape[-1] for w in windows])
+    padded_feature, chunk_lengths = chunk_and_pad_features(frames, feature_lens, audio.n_window)
+    cu_seqlens = get_audio_cu_seqlens(chunk_lengths, feature_lens, frames_per_window, audio.n_window)
+    positions = audio_mask[0].nonzero().squeeze(-1)
+    return {
+        "audio_tower_kwargs": {
+            "feature_lens": feature_lens,
+            "padded_feature": padded_feature,
+            "chunk_lengths": chunk_lengths,
+            "valid_indices": get_valid_indices(chunk_lengths, audio.n_window),
+            "cu_seqlens": cu_seqlens,
+            "max_seqlen": int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
+        },
+        "audio_rows": torch.tensor(select),
+        "audio_local_positions": positions[(positions >= begin) & (positions < end)] - begin,
+    }

@@ -114,8 +114,7 @@ def fill_back_visual(inputs_embeds, visual_rows, sp_inputs, group):
     embeds, hidden = _all_to_all_hidden(inputs_embeds, seq_dim=1, group=group)  # (1, L, H/sp)
     rows, _ = _all_to_all_hidden(visual_rows, seq_dim=0, group=group)  # (N_padded, H/sp)
     rows = rows[: sp_inputs["n_visual"]][sp_inputs["visual_order"]]
-    visual_mask = (sp_inputs["image_mask"] | sp_inputs["video_mask"]).unsqueeze(-1)
-    embeds = embeds.masked_scatter(visual_mask, rows.to(embeds.dtype))
+    embeds = embeds[0].index_copy(0, sp_inputs["visual_positions"], rows.to(embeds.dtype)).unsqueeze(0)
     embeds = gather_heads_scatter_seq(embeds, head_dim=2, seq_dim=1, group=group)
     return embeds[..., :hidden]
 
@@ -127,23 +126,21 @@ def deepstack_rows(levels: list[torch.Tensor], sp_inputs, group) -> list[torch.T
     return [gather_outputs(level, gather_dim=0, group=group)[order] for level in levels]
 
 
-def sequence_parallel_forward(self, input_ids, position_ids, sp_inputs, pixel_values=None, input_features=None,
-                              feature_attention_mask=None, output_router_logits=False, **kwargs):
+def sequence_parallel_forward(self, input_ids, position_ids, sp_inputs, pixel_values=None, output_router_logits=False, **kwargs):
     """The thinker model's forward on this rank's slice of a packed sequence (see module docstring)."""
     from .encoders import dummy_audio_forward, dummy_vision_forward, encoders_must_run
 
     group = ulysses_group()
     if group is None:
         raise ValueError("sp_inputs given but VeOmni's parallel state has no Ulysses group")
-    begin, end = sp_inputs["slice"]
     inputs_embeds = self.get_input_embeddings()(input_ids)
     distributed = encoders_must_run()
 
-    # Audio: the windows this slice needs were chosen by the collator; fill its rows locally.
-    if input_features is not None:
-        audio = self.get_audio_features(input_features, feature_attention_mask, return_dict=True).last_hidden_state
-        audio_mask = sp_inputs["audio_mask"][:, begin:end].unsqueeze(-1)
-        inputs_embeds = inputs_embeds.masked_scatter(audio_mask, audio[sp_inputs["audio_rows"]].to(inputs_embeds.dtype))
+    # Audio: the windows this slice needs were chosen (and chunked) by the collator; fill its rows locally.
+    if "audio_tower_kwargs" in sp_inputs:
+        audio = self.audio_tower(None, **sp_inputs["audio_tower_kwargs"]).last_hidden_state[sp_inputs["audio_rows"]]
+        positions = sp_inputs["audio_local_positions"]
+        inputs_embeds = inputs_embeds[0].index_copy(0, positions, audio.to(inputs_embeds.dtype)).unsqueeze(0)
     elif distributed:
         inputs_embeds = inputs_embeds + dummy_audio_forward(self).to(inputs_embeds.dtype)
 
@@ -154,7 +151,7 @@ def sequence_parallel_forward(self, input_ids, position_ids, sp_inputs, pixel_va
             vision_kwargs = dict(sp_inputs["vision_kwargs"])
             out = self.visual(pixel_values.type(self.visual.dtype), return_dict=True, **vision_kwargs)
             inputs_embeds = fill_back_visual(inputs_embeds, out.pooler_output, sp_inputs, group)
-            visual_pos_masks = (sp_inputs["image_mask"] | sp_inputs["video_mask"])[:, begin:end]
+            visual_pos_masks = sp_inputs["visual_local_positions"]  # positions, not a mask: see deepstack_process
             deepstack = deepstack_rows(out.deepstack_features, sp_inputs, group)
         elif distributed:
             inputs_embeds = inputs_embeds + dummy_vision_forward(self.visual, sp_size=sp_inputs["sp_size"]).to(inputs_embeds.dtype)
@@ -170,3 +167,15 @@ def sequence_parallel_forward(self, input_ids, position_ids, sp_inputs, pixel_va
         visual_pos_masks=visual_pos_masks,
         **lm_kwargs,
     )
+
+
+def deepstack_process(self, hidden_states, visual_pos_masks, visual_embeds):
+    """HF's deepstack add; `visual_pos_masks` may also be the (batch-flattened) positions of the
+    visual tokens, as the SP forward passes them: an index add needs no device-to-host sync."""
+    visual_embeds = visual_embeds.to(hidden_states.device, hidden_states.dtype)
+    if visual_pos_masks.dtype == torch.bool:
+        hidden_states = hidden_states.clone()
+        hidden_states[visual_pos_masks, :] = hidden_states[visual_pos_masks, :] + visual_embeds
+        return hidden_states
+    flat = hidden_states.flatten(0, 1).index_add(0, visual_pos_masks.to(hidden_states.device), visual_embeds)
+    return flat.view_as(hidden_states)

@@ -92,9 +92,14 @@ def thinker_model_forward(
         position_ids = position_ids.transpose(0, 1)  # collated as (batch, 3, seq); HF wants (3, batch, seq)
     sp_inputs = kwargs.pop("sp_inputs", None)
     if sp_inputs is not None:  # this rank holds a slice of a packed sequence (Ulysses SP)
+        if input_features is not None or pixel_values_videos is not None or inputs_embeds is not None:
+            raise ValueError(
+                "With sp_inputs (a sequence-parallel shard), audio comes in sp_inputs, videos are part of the "
+                "joint pixel_values and embeddings are computed from input_ids: shard the batch with "
+                "veomni_omni.data.sequence_parallel.shard_for_sequence_parallel."
+            )
         return sequence_parallel_forward(
-            self, input_ids, position_ids, sp_inputs, pixel_values, input_features, feature_attention_mask,
-            output_router_logits=output_router_logits, **kwargs,
+            self, input_ids, position_ids, sp_inputs, pixel_values, output_router_logits=output_router_logits, **kwargs
         )
     if (pixel_values is not None or pixel_values_videos is not None) and mm_encoder_outputs is not None:
         raise ValueError("You cannot specify both pixel_values/pixel_values_videos and mm_encoder_outputs at the same time")
