@@ -91,6 +91,7 @@ def shard_for_sequence_parallel(packed: dict, config, sp_size: int, sp_rank: int
         "position_ids": positions[..., begin:end],
         "cu_seq_lens_q": cu,
         "cu_seq_lens_k": cu,
+        "cu_seq_lens_host": cu.tolist(),  # for attention that splits segments on the host (no device sync)
         "max_length_q": int((cu[1:] - cu[:-1]).max()),
         "max_length_k": int((cu[1:] - cu[:-1]).max()),
     }
@@ -130,6 +131,7 @@ def _vision_shard(packed, config, masks, sp_size, sp_rank, begin, end, shard) ->
     order = torch.where(is_image, is_image.cumsum(0) - 1, (~is_image).cumsum(0) - 1 + n_image)
     positions = visual_mask[0].nonzero().squeeze(-1)
     return {
+        "vision_segments": cu_seqlens.tolist(),
         "vision_kwargs": {
             "grid_thw": grid_thw,
             "cu_seqlens": cu_seqlens,
@@ -140,7 +142,7 @@ def _vision_shard(packed, config, masks, sp_size, sp_rank, begin, end, shard) ->
         },
         "n_visual": int(visual_mask.sum()),
         "visual_order": order,
-        "visual_positions": positions,  # in the full (padded) sequence
+        "visual_fill_positions": positions[torch.argsort(order)],  # where each joint ViT row goes in the sequence
         "visual_rows": (int(visual_mask[:, :begin].sum()), int(visual_mask[:, :end].sum())),
         "visual_local_positions": positions[(positions >= begin) & (positions < end)] - begin,
     }

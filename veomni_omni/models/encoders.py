@@ -125,7 +125,7 @@ def dummy_vision_forward(visual, sp_size: int = 1) -> torch.Tensor:
     pixels = torch.zeros(merge * merge, patch_dim, dtype=visual.dtype, device=device)
     grid_thw = torch.tensor([[1, merge, merge]], device=device)
     segments = {}
-    if sp_size > 1:
+    if sp_size > 1:  # the caller's vision_sequence_parallel context carries the same bounds on the host
         bounds = torch.arange(0, merge * merge * sp_size + 1, merge * merge, dtype=torch.int32, device=device)
         segments = {"cu_seqlens": bounds, "max_seqlen": merge * merge}
     out = visual(pixels, grid_thw=grid_thw, return_dict=True, **segments)

@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from veomni.distributed.sequence_parallel import gather_heads_scatter_seq, gather_outputs, gather_seq_scatter_heads
+from veomni.distributed.sequence_parallel import gather_heads_scatter_seq, gather_seq_scatter_heads
 
 ULYSSES_SDPA = "veomni_omni_ulysses_sdpa"
 _vision_group: Optional[torch.distributed.ProcessGroup] = None
+_vision_segments: Optional[list[int]] = None  # host copy of the ViT's cu_seqlens under SP
 _hf_vision_attention = hf.Qwen3OmniMoeVisionAttention.forward  # captured before the patch set is applied
 
 
@@ -45,19 +46,20 @@ def ulysses_group():
 
 
 @contextmanager
-def vision_sequence_parallel(group):
-    """ViT attention inside this block treats its input as this rank's slice of the patch sequence."""
-    global _vision_group
-    previous, _vision_group = _vision_group, group
+def vision_sequence_parallel(group, segments: list[int]):
+    """ViT attention inside this block treats its input as this rank's slice of the patch sequence,
+    whose images (frames) span the host-side boundaries `segments`."""
+    global _vision_group, _vision_segments
+    previous = _vision_group, _vision_segments
+    _vision_group, _vision_segments = group, segments
     try:
         yield
     finally:
-        _vision_group = previous
+        _vision_group, _vision_segments = previous
 
 
-def _segment_attention(query, key, value, cu_seqlens, scaling, causal):
-    """Attention within each [cu_seqlens[i], cu_seqlens[i+1]) segment; (B, H, S, D) layout."""
-    bounds = cu_seqlens.tolist()
+def _segment_attention(query, key, value, bounds: list[int], scaling, causal):
+    """Attention within each [bounds[i], bounds[i+1]) segment; (B, H, S, D) layout."""
     outputs = [
         F.scaled_dot_product_attention(
             query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=causal, scale=scaling, enable_gqa=True
@@ -77,7 +79,7 @@ def vision_attention_forward(self, hidden_states, cu_seqlens, position_embedding
     cos, sin = position_embeddings
     query, key = hf.apply_rotary_pos_emb_vision(query, key, cos, sin)
     query, key, value = (gather_seq_scatter_heads(t, seq_dim=0, head_dim=1, group=_vision_group) for t in (query, key, value))
-    out = _segment_attention(*(t.transpose(0, 1).unsqueeze(0) for t in (query, key, value)), cu_seqlens, self.scaling, False)
+    out = _segment_attention(*(t.transpose(0, 1).unsqueeze(0) for t in (query, key, value)), _vision_segments, self.scaling, False)
     out = gather_heads_scatter_seq(out[0].transpose(0, 1), head_dim=1, seq_dim=0, group=_vision_group)
     return self.proj(out.reshape(seq_length, -1).contiguous())
 
@@ -88,42 +90,66 @@ def ulysses_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     from veomni.ops.kernels.attention.ulysses import prepare_ulysses_qkv
 
     group = ulysses_group()
-    cu_seqlens = kwargs.get("cu_seq_lens_q")
-    if group is None or cu_seqlens is None:
-        raise ValueError(f"{ULYSSES_SDPA} needs Ulysses SP and packed inputs with cu_seq_lens_q")
+    bounds = kwargs.get("cu_seq_lens_host")
+    if group is None or bounds is None:
+        raise ValueError(f"{ULYSSES_SDPA} needs Ulysses SP and a sharded packed batch (cu_seq_lens_host)")
     sp_size = torch.distributed.get_world_size(group)
     query, key, value, _ = prepare_ulysses_qkv(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), group=group, ulysses_size=sp_size
     )
-    out = _segment_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), cu_seqlens, scaling, True)
+    out = _segment_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), bounds, scaling, True)
     return gather_heads_scatter_seq(out.transpose(1, 2), head_dim=2, seq_dim=1, group=group), None
 
 
-def _all_to_all_hidden(x: torch.Tensor, seq_dim: int, group) -> tuple[torch.Tensor, int]:
-    """Sliced sequence × full hidden → full sequence × hidden/sp (hidden padded to a multiple of sp)."""
-    sp_size = torch.distributed.get_world_size(group)
-    hidden = x.shape[-1]
-    pad = -hidden % sp_size
-    x = F.pad(x, (0, pad))
-    return gather_seq_scatter_heads(x, seq_dim=seq_dim, head_dim=x.ndim - 1, group=group), hidden
+def _all_to_all_hidden(x: torch.Tensor, group) -> torch.Tensor:
+    """(sequence slice, hidden) → (whole sequence, hidden/sp); hidden padded to a multiple of sp."""
+    pad = -x.shape[-1] % torch.distributed.get_world_size(group)
+    return gather_seq_scatter_heads(F.pad(x, (0, pad)) if pad else x, seq_dim=0, head_dim=1, group=group)
 
 
 def fill_back_visual(inputs_embeds, visual_rows, sp_inputs, group):
     """Scatter this rank's ViT rows (slice of the joint patch order) into the sliced embeddings
     through the gather-seq/scatter-hidden layout; never materialises sequence × hidden."""
-    embeds, hidden = _all_to_all_hidden(inputs_embeds, seq_dim=1, group=group)  # (1, L, H/sp)
-    rows, _ = _all_to_all_hidden(visual_rows, seq_dim=0, group=group)  # (N_padded, H/sp)
-    rows = rows[: sp_inputs["n_visual"]][sp_inputs["visual_order"]]
-    embeds = embeds[0].index_copy(0, sp_inputs["visual_positions"], rows.to(embeds.dtype)).unsqueeze(0)
-    embeds = gather_heads_scatter_seq(embeds, head_dim=2, seq_dim=1, group=group)
-    return embeds[..., :hidden]
+    hidden = inputs_embeds.shape[-1]
+    embeds = _all_to_all_hidden(inputs_embeds[0], group)  # (L, H/sp)
+    rows = _all_to_all_hidden(visual_rows.to(embeds.dtype), group)[: sp_inputs["n_visual"]]  # (N, H/sp)
+    embeds = embeds.index_copy_(0, sp_inputs["visual_fill_positions"], rows)
+    del rows
+    embeds = gather_heads_scatter_seq(embeds, head_dim=1, seq_dim=0, group=group)  # (L/sp, H padded)
+    return (embeds if embeds.shape[-1] == hidden else embeds[:, :hidden]).unsqueeze(0)
+
+
+class _EqualRowsAllGather(torch.autograd.Function):
+    """All-gather along dim 0 when every rank holds the same number of rows: no size exchange
+    (VeOmni's gather exchanges sizes with a host sync). Backward sums the gradient over ranks and
+    keeps this rank's rows (reduce-scatter on NCCL; all-reduce where it is missing, e.g. gloo)."""
+
+    @staticmethod
+    def forward(ctx, rows, group):
+        ctx.group = group
+        world = torch.distributed.get_world_size(group)
+        out = rows.new_empty((world * rows.shape[0], *rows.shape[1:]))
+        torch.distributed.all_gather_into_tensor(out, rows.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        world, rank = torch.distributed.get_world_size(ctx.group), torch.distributed.get_rank(ctx.group)
+        grad = grad.contiguous()
+        if torch.distributed.get_backend(ctx.group) == "nccl":
+            mine = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
+            torch.distributed.reduce_scatter_tensor(mine, grad, group=ctx.group)
+            return mine, None
+        total = grad.clone()
+        torch.distributed.all_reduce(total, group=ctx.group)
+        return total.chunk(world)[rank].contiguous(), None
 
 
 def deepstack_rows(levels: list[torch.Tensor], sp_inputs, group) -> list[torch.Tensor]:
     """All-gather each deepstack level once and keep the rows of this rank's slice."""
     first, last = sp_inputs["visual_rows"]
     order = sp_inputs["visual_order"][first:last]
-    return [gather_outputs(level, gather_dim=0, group=group)[order] for level in levels]
+    return [_EqualRowsAllGather.apply(level, group)[order] for level in levels]
 
 
 def sequence_parallel_forward(self, input_ids, position_ids, sp_inputs, pixel_values=None, output_router_logits=False, **kwargs):
@@ -146,7 +172,9 @@ def sequence_parallel_forward(self, input_ids, position_ids, sp_inputs, pixel_va
 
     # Vision: this rank's patch slice through the ViT (Ulysses attention), then fill-back by all-to-all.
     visual_pos_masks, deepstack = None, None
-    with vision_sequence_parallel(group):
+    merge_area = self.visual.spatial_merge_size**2  # the dummy image of each rank is one segment
+    segments = sp_inputs.get("vision_segments") or list(range(0, merge_area * sp_inputs["sp_size"] + 1, merge_area))
+    with vision_sequence_parallel(group, segments):
         if pixel_values is not None:
             vision_kwargs = dict(sp_inputs["vision_kwargs"])
             out = self.visual(pixel_values.type(self.visual.dtype), return_dict=True, **vision_kwargs)
@@ -156,7 +184,8 @@ def sequence_parallel_forward(self, input_ids, position_ids, sp_inputs, pixel_va
         elif distributed:
             inputs_embeds = inputs_embeds + dummy_vision_forward(self.visual, sp_size=sp_inputs["sp_size"]).to(inputs_embeds.dtype)
 
-    lm_kwargs = {k: kwargs[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k") if k in kwargs}
+    lm_keys = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "cu_seq_lens_host")
+    lm_kwargs = {k: kwargs[k] for k in lm_keys if k in kwargs}
     return self.language_model(
         attention_mask=None,
         position_ids=position_ids,
