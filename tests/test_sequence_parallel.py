@@ -1,7 +1,7 @@
 """Ulysses sequence parallelism: each rank holds a slice of a packed multimodal sequence.
 
 Gathered gradients must equal the single-process, unpatched HF reference on the same samples
-(unpacked rows), for SP=2, SP=4 and SP=2 × FSDP=2 (DESIGN.md section 7). Router aux loss off, as
+(unpacked rows), for SP=2, SP=4, SP=2 × FSDP=2 and EP=2 × SP=2 (DESIGN.md section 7). Router aux loss off, as
 in tests/test_fsdp.py. Every audio clip has at least one full 100-frame chunk: HF's audio tower pads
 all chunks of a call to the longest one, and a clip convolved without that padding rounds
 differently (~1e-6 relative in its outputs, which the tiny conv-bias gradients amplify past the bar).
@@ -51,10 +51,11 @@ def groups(*names):
     return {"groups": [{"rows": SAMPLES[n], "seed": 7 + i} for i, n in enumerate(names)]}
 
 
-LAYOUTS = {
-    "sp2": (2, 2, {name: groups(name) for name in SAMPLES}),
-    "sp4": (4, 4, {name: groups(name) for name in SAMPLES}),
-    "sp2_fsdp2": (4, 2, {
+LAYOUTS = {  # name: (world size, SP size, EP size, cases)
+    "sp2": (2, 2, 1, {name: groups(name) for name in SAMPLES}),
+    "sp4": (4, 4, 1, {name: groups(name) for name in SAMPLES}),
+    "sp2_ep2": (2, 2, 2, {name: groups(name) for name in ("packed_modalities", "straddling_audio", "audio_in_video", "text_only")}),
+    "sp2_fsdp2": (4, 2, 1, {
         "packed_modalities+multimodal_only_at_the_end": groups("packed_modalities", "multimodal_only_at_the_end"),
         "audio_in_video+text_only": groups("audio_in_video", "text_only"),
         "straddling_image+long_audio": groups("straddling_image", "long_audio"),
@@ -117,9 +118,10 @@ def checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_sequence_parallel_matches_single_process(checkpoint, tmp_path, layout):
     path, model = checkpoint
-    world_size, sp_size, cases = LAYOUTS[layout]
+    world_size, sp_size, ep_size, cases = LAYOUTS[layout]
     (tmp_path / "cases.json").write_text(json.dumps(cases))
-    run_ranks(WORKER, world_size, [str(path), str(tmp_path / "cases.json"), str(tmp_path / "out.pt"), str(sp_size)], timeout_s=480)
+    args = [str(path), str(tmp_path / "cases.json"), str(tmp_path / "out.pt"), str(sp_size), str(ep_size)]
+    run_ranks(WORKER, world_size, args, timeout_s=480)
     results = torch.load(tmp_path / "out.pt")
     assert sorted(results) == sorted(cases)
 

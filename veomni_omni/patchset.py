@@ -3,7 +3,8 @@ replaces (None: an addition), why, and the test that proves it. Diffs: patches/<
 
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 
-from .models import init, sequence_parallel, thinker
+from .models import init, moe, sequence_parallel, thinker
+from .parallel import plan
 from .patching import Patch
 
 PATCHES = (
@@ -78,5 +79,41 @@ PATCHES = (
         fingerprint=None,
         why="HF's top-level model has generate but no forward; training runs the thinker",
         test="tests/test_registry.py::test_top_level_forward_is_thinker",
+    ),
+    Patch(
+        name="thinker_experts_forward",
+        owner=hf.Qwen3OmniMoeThinkerTextExperts,
+        attr="forward",
+        replacement=moe.experts_forward,
+        fingerprint="fc9abf5b6fd11894",
+        why="expert parallelism: token all-to-all to the experts' owners (torch-native, gloo/NCCL) or VeOmni's fused kernel; HF's own implementations when experts are whole; expert-load counts",
+        test="tests/test_expert_parallel.py",
+    ),
+    Patch(
+        name="thinker_parallel_plan",
+        owner=hf.Qwen3OmniMoeThinkerForConditionalGeneration,
+        attr="get_parallel_plan",
+        replacement=plan.thinker_parallel_plan,
+        fingerprint=None,
+        why="VeOmni shards experts by the model's plan; HF has none (VeOmni's own names the 5.9 layout)",
+        test="tests/test_expert_parallel.py",
+    ),
+    Patch(
+        name="omni_parallel_plan",
+        owner=hf.Qwen3OmniMoeForConditionalGeneration,
+        attr="get_parallel_plan",
+        replacement=plan.omni_parallel_plan,
+        fingerprint=None,
+        why="the same plan for the top-level model, whose thinker sits under `thinker.`",
+        test="tests/test_expert_parallel.py (omni cases)",
+    ),
+    Patch(
+        name="text_model_parallel_plan",
+        owner=hf.Qwen3OmniMoeThinkerTextModel,
+        attr="get_parallel_plan",
+        replacement=plan.text_model_parallel_plan,
+        fingerprint=None,
+        why="the same plan for the thinker's text decoder built on its own (registry: ThinkerTextModel)",
+        test="tests/test_moe.py::test_plans_name_exactly_the_thinker_experts",
     ),
 )

@@ -2,7 +2,7 @@
 samples into one sequence; the collator-side sharding gives each rank its slice; the loss is
 normalised as VeOmni's trainer does. Rank 0 saves loss and gathered gradients per case.
 
-argv: checkpoint_dir cases.json out.pt sp_size
+argv: checkpoint_dir cases.json out.pt sp_size [ep_size]
 """
 
 import json
@@ -24,12 +24,18 @@ from veomni_omni.host import eager_ops_config
 from veomni_omni.models.sequence_parallel import ULYSSES_SDPA
 from veomni_omni.testing import build_batch
 
+from ep_parity import full_gradients  # same directory: FSDP shards gathered, EP slices concatenated
+
 
 def main():
     checkpoint, cases_file, out_file, sp_size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    ep_size = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     dist.init_process_group("gloo", timeout=timedelta(seconds=90))
     world = dist.get_world_size()
-    init_parallel_state(dp_size=world // sp_size, ulysses_size=sp_size, dp_mode="fsdp2", device_type="cpu")
+    init_parallel_state(
+        dp_size=world // sp_size, ulysses_size=sp_size, dp_mode="fsdp2", device_type="cpu",
+        extra_parallel_sizes=(ep_size,), extra_parallel_names=("ep",),
+    )
     state = get_parallel_state()
     model = build_foundation_model(checkpoint, init_device="meta", torch_dtype="float32", ops_implementation=eager_ops_config())
     model.config.get_text_config()._attn_implementation = ULYSSES_SDPA
@@ -38,6 +44,8 @@ def main():
         mixed_precision=MixedPrecisionConfig(enable=False), enable_reshard_after_forward=True,
     )
     config = model.config
+    experts = model.model.language_model.layers[0].mlp.experts
+    assert experts.gate_up_proj.shape[0] == config.text_config.num_experts // ep_size, "experts not sharded over EP"
     results = {}
     for name, case in json.load(open(cases_file)).items():
         print(f"rank {dist.get_rank()}: {name} start", flush=True)
@@ -51,7 +59,7 @@ def main():
         loss = model(**batch, use_cache=False).loss
         loss = torch.stack(list(mean_global_loss(loss, tokens, tokens, global_tokens).values())).sum()
         loss.backward()
-        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+        grads = full_gradients(model)
         total = loss.detach().clone()
         dist.all_reduce(total)
         if dist.get_rank() == 0:

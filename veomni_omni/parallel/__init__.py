@@ -1,0 +1,1 @@
+"""Parallel layouts of the model for VeOmni's parallelizer."""
