@@ -1,0 +1,166 @@
+"""The benchmark command: every benchmark runs in quick mode and keeps its JSON contract.
+
+No timing is asserted (timings are machine- and load-dependent); only that the contract keys
+exist, values are sane, and the correctness side-facts the benchmarks rely on hold (both
+contenders compute the same loss from the same weights).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from veomni_omni.bench.__main__ import main as bench_main
+
+MACHINE_KEYS = {"cpu", "cores", "torch", "transformers", "veomni", "date"}
+
+
+@pytest.fixture
+def one_thread():
+    """Timed benchmarks run single-threaded here: on a loaded 2-core machine, spinning OpenMP
+    threads make a step many times slower. Restores torch's thread count afterwards."""
+    threads = torch.get_num_threads()
+    yield ["--threads", "1"]
+    torch.set_num_threads(threads)
+
+
+def run_bench(capsys, *argv) -> tuple[int, dict, str]:
+    code = bench_main(list(argv))
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.strip()]
+    return code, json.loads(lines[-1]), out
+
+
+def assert_machine(payload):
+    assert MACHINE_KEYS <= payload["machine"].keys(), payload["machine"]
+    assert payload["machine"]["cores"] >= 1
+
+
+def assert_ratio(payload):
+    for key in ("ratio", "ratio_of_medians", "ratio_min", "ratio_max"):
+        assert math.isfinite(payload[key]) and payload[key] > 0, (key, payload[key])
+    assert payload["ratio_min"] <= payload["ratio"] <= payload["ratio_max"]
+
+
+def test_overhead_contract(capsys, patched, one_thread):
+    code, payload, out = run_bench(capsys, "overhead", "--quick", "--json", *one_thread)
+    assert code == 0
+    assert_ratio(payload)
+    assert_machine(payload)
+    assert payload["reps"] == 2 and payload["quick"]
+    assert payload["same_loss"], payload["loss"]  # same weights, same batch: patched == unpatched
+    assert "veomni_omni" in out and "hf" in out
+
+
+def test_host_contract(capsys, patched, one_thread):
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    stock_loss = LOSS_MAPPING["ForCausalLM"]
+    code, payload, _ = run_bench(capsys, "host", "--quick", "--json", *one_thread)
+    assert code == 0
+    assert_ratio(payload)
+    assert_machine(payload)
+    assert payload["veomni_class"].startswith("veomni.models.transformers.qwen3_omni_moe.generated.")
+    # VeOmni's model, loaded with our weights, computes our loss and gradients.
+    ours, theirs = payload["loss"]["veomni_omni"], payload["loss"]["veomni"]
+    assert abs(ours - theirs) <= 1e-5 * abs(theirs)
+    assert payload["max_rel_grad_diff"] < 1e-3
+    assert LOSS_MAPPING["ForCausalLM"] is stock_loss, "host benchmark leaked VeOmni's loss into transformers"
+
+
+@pytest.mark.parametrize("layout", [["--gpus", "8", "--ep", "8"], ["--gpus", "64", "--ep", "8", "--sp", "4"]])
+def test_plan_contract(capsys, layout):
+    code, payload, _ = run_bench(capsys, "plan", *layout, "--json")
+    assert code == 0
+    assert isinstance(payload["fits"], bool)
+    assert 0 < payload["per_rank_gib"] < 1000
+    assert payload["fits"] == (payload["per_rank_gib"] <= payload["gpu_mem_gib"])
+    assert {"gpus", "ep", "sp", "ep_fsdp", "tokens_per_rank", "grad_ckpt"} <= payload["layout"].keys()
+    assert payload["layout"]["gpus"] == int(layout[1])
+    assert all(payload["design_check"].values()), (payload["params_b"], payload["design_params_b"])
+    acts = payload["activations_gib"]
+    assert 0 < acts["with_ckpt"] < acts["without_ckpt"]
+    assert_machine(payload)
+
+
+def test_plan_more_gpus_need_less_memory(capsys):
+    _, eight, _ = run_bench(capsys, "plan", "--gpus", "8", "--ep", "8", "--json")
+    _, many, _ = run_bench(capsys, "plan", "--gpus", "64", "--ep", "8", "--sp", "4", "--json")
+    assert many["per_rank_gib"] < eight["per_rank_gib"]
+    _, tight, _ = run_bench(capsys, "plan", "--gpus", "8", "--ep", "8", "--gpu-mem-gib", "10", "--json")
+    assert tight["fits"] is False
+
+
+def test_gpu_contract(capsys):
+    code, payload, _ = run_bench(capsys, "gpu", "--quick", "--json")
+    assert code == 0
+    assert_machine(payload)
+    if not torch.cuda.is_available():
+        assert "CUDA" in payload["skipped"]
+        return
+    assert {"mfu", "tokens_per_s", "ratio_vs_host", "device"} <= payload.keys()
+    assert payload["tokens_per_s"] > 0 and payload["ratio_vs_host"] > 0
+    assert payload["mfu"] is None or 0 < payload["mfu"] < 1
+
+
+def test_gpu_workload_is_well_formed():
+    """The GPU benchmark's batch and FLOP count, checked on CPU (no model is run)."""
+    from veomni_omni.bench.configs import real_thinker_config
+    from veomni_omni.bench.gpu import activated_text_params, gpu_config, gpu_mixed_rows, step_flops
+    from veomni_omni.testing import TOKENS, build_batch
+
+    # DESIGN.md section 3: ≈ 3.0B activated parameters per token in the full thinker.
+    assert abs(activated_text_params(real_thinker_config())["total"] / 1e9 - 3.0) < 0.1
+    config = gpu_config()
+    batch = build_batch(gpu_mixed_rows(2048, config), config)
+    assert batch["input_ids"].shape == (1, 2048)
+    for token in ("image", "video", "audio"):
+        assert (batch["input_ids"] == TOKENS[token]).sum() > 100
+    flops = step_flops(config, batch)
+    assert flops["tokens"] == 2048 and flops["total"] > flops["text"] > 0 and flops["vision"] > 0 and flops["audio"] > 0
+
+
+def test_gpu_measurement_path_runs_on_cpu(patched, one_thread):
+    """The GPU benchmark's measuring code, run on CPU with a small config and every modality
+    (incl. a video without audio): both models step and agree on the loss."""
+    from veomni_omni.bench.configs import cpu_thinker_config
+    from veomni_omni.bench.gpu import measure
+    from veomni_omni.host import eager_ops_config
+
+    torch.set_num_threads(1)
+    rows = [[("prompt", 4), ("image", 1, 4, 4), ("text", 8), ("video", 2, 4, 4), ("audio", 200), ("text", 8)]]
+    result = measure(cpu_thinker_config(), rows, eager_ops_config(), "cpu", torch.float32, reps=1, warmup=0)
+    assert result["ratio"] > 0 and result["flops"]["total"] > 0
+    assert abs(result["loss"]["veomni_omni"] - result["loss"]["veomni"]) <= 1e-5 * abs(result["loss"]["veomni"])
+
+
+def test_unknown_benchmark_is_refused(capsys):
+    assert bench_main(["nope"]) == 2
+    assert "unknown benchmark" in capsys.readouterr().err
+
+
+def test_command_line_entry_point():
+    """`python -m veomni_omni.bench plan --json` from a fresh process: the last stdout line is the JSON."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "veomni_omni.bench", "plan", "--gpus", "8", "--ep", "8", "--json"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    payload = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"per_rank_gib", "fits", "layout"} <= payload.keys()
+
+
+def test_sp_contract(capsys):
+    """SP=2 and SP=4 gloo groups: the fill-back and audio ratios fall with SP size; our SP code makes no host sync."""
+    code, payload, _ = run_bench(capsys, "sp", "--quick", "--json")
+    assert code == 0
+    assert_machine(payload)
+    memory, audio = payload["fill_back_memory_ratio"], payload["audio_work_ratio"]
+    assert set(memory) == set(audio) == {"2", "4"}
+    assert 0 < memory["4"] < memory["2"] < 1 and 0 < audio["4"] < audio["2"] < 1
+    assert payload["host_syncs"] == 0, payload["host_syncs_by_site"]
