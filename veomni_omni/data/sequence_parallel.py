@@ -34,6 +34,8 @@ from transformers.vision_utils import (
     get_vision_position_ids,
 )
 
+from .checks import BadInputError, input_problems
+
 IGNORE_INDEX = -100
 
 
@@ -71,9 +73,12 @@ def check_divisible_heads(config, sp_size: int) -> None:
 def shard_for_sequence_parallel(packed: dict, config, sp_size: int, sp_rank: int) -> dict:
     """This rank's model inputs for a packed (1, L) batch. See the module docstring."""
     check_divisible_heads(config, sp_size)
+    problems = input_problems(packed, config, "packed")  # the SP forward cannot check counts without host syncs
+    if problems:
+        raise BadInputError("; ".join(problems))
     input_ids = packed["input_ids"]
     length = input_ids.shape[1]
-    chunk = math.ceil(length / sp_size)
+    chunk = max(1, math.ceil(length / sp_size))  # a padding-only batch packs to nothing: one pad token per rank
     pad = chunk * sp_size - length
     begin, end = sp_rank * chunk, (sp_rank + 1) * chunk
 
@@ -83,6 +88,7 @@ def shard_for_sequence_parallel(packed: dict, config, sp_size: int, sp_rank: int
     cu = packed["cu_seq_lens"]
     if pad:
         cu = torch.cat([cu, cu.new_tensor([length + pad])])
+    cu = cu.unique_consecutive()  # drop empty samples (a padding-only row)
     masks = {m: ids == getattr(config, f"{m}_token_id") for m in ("image", "video", "audio")}
 
     shard = {
@@ -95,7 +101,7 @@ def shard_for_sequence_parallel(packed: dict, config, sp_size: int, sp_rank: int
         "max_length_q": int((cu[1:] - cu[:-1]).max()),
         "max_length_k": int((cu[1:] - cu[:-1]).max()),
     }
-    sp_inputs = {"sp_size": sp_size, "slice": (begin, end)}
+    sp_inputs = {"sp_size": sp_size, "slice": (begin, end), "tokens": length}
     sp_inputs.update(_vision_shard(packed, config, masks, sp_size, sp_rank, begin, end, shard))
     sp_inputs.update(_audio_shard(packed, config, masks["audio"], begin, end))
     shard["sp_inputs"] = sp_inputs

@@ -56,7 +56,11 @@ def encode_vision(
         return _from_precomputed(mm_encoder_outputs)
 
     visual = thinker_model.visual
-    parts = [(p, g) for p, g in ((pixel_values, image_grid_thw), (pixel_values_videos, video_grid_thw)) if p is not None]
+    named = (("image", pixel_values, image_grid_thw), ("video", pixel_values_videos, video_grid_thw))
+    parts = [(p, g) for _, p, g in named if p is not None]
+    for modality, p, g in named:
+        if p is not None:
+            _check_grids(modality, p, g, visual.spatial_merge_size)
     pixels = torch.cat([p.type(visual.dtype) for p, _ in parts], dim=0)
     grid_thw = torch.cat([g for _, g in parts], dim=0)
     vision_kwargs = {key: value for key, value in kwargs.items() if key in _VISION_KWARGS}
@@ -71,6 +75,21 @@ def encode_vision(
 
     image_embeds, video_embeds = split(out.pooler_output)
     return VisionOutput(image_embeds, video_embeds, [split(level) for level in out.deepstack_features])
+
+
+def _check_grids(modality: str, pixels: torch.Tensor, grid_thw: Optional[torch.Tensor], merge: int) -> None:
+    """Grids the ViT cannot merge fail deep inside its patch reshape; say which grids are wrong instead."""
+    if grid_thw is None:
+        raise ValueError(f"{modality} pixels given without {modality}_grid_thw")
+    bad = grid_thw[(grid_thw < 1).any(-1) | (grid_thw[:, 1:] % merge != 0).any(-1)]
+    if len(bad):
+        raise ValueError(
+            f"{modality}_grid_thw {bad.tolist()}: every (t, h, w) must be positive with h and w divisible by the "
+            f"ViT's spatial merge size {merge} (HF's processors resize to such grids)"
+        )
+    patches = int(grid_thw.prod(-1).sum())
+    if pixels.shape[0] != patches:
+        raise ValueError(f"{modality}: {pixels.shape[0]} pixel rows, but {modality}_grid_thw holds {patches} patches")
 
 
 def _from_precomputed(mm_encoder_outputs: dict) -> Optional[VisionOutput]:

@@ -90,6 +90,12 @@ def thinker_model_forward(
         output_router_logits = self.config.text_config.output_router_logits
     if position_ids is not None and position_ids.ndim == 3 and position_ids.shape[1] in (3, 4) and position_ids.shape[0] not in (3, 4):
         position_ids = position_ids.transpose(0, 1)  # collated as (batch, 3, seq); HF wants (3, batch, seq)
+    tokens = input_ids if input_ids is not None else inputs_embeds
+    if tokens is not None and tokens.shape[0] * tokens.shape[1] == 0:  # fails deep in attention otherwise
+        raise ValueError(
+            f"empty batch (shape {tuple(tokens.shape[:2])}): a rank without samples must still run the step; "
+            "give it veomni_omni.data.checks.padding_batch(config)"
+        )
     sp_inputs = kwargs.pop("sp_inputs", None)
     if sp_inputs is not None:  # this rank holds a slice of a packed sequence (Ulysses SP)
         if input_features is not None or pixel_values_videos is not None or inputs_embeds is not None:
@@ -136,6 +142,13 @@ def thinker_model_forward(
 
     # 3. 3-axis M-RoPE positions, computed as HF does when not given.
     if position_ids is None:
+        has_media = any(x is not None for x in (image_grid_thw, video_grid_thw, feature_attention_mask))
+        empty_rows = (~attention_mask.any(-1)).nonzero().flatten().tolist() if has_media and attention_mask is not None else []
+        if empty_rows:  # HF's M-RoPE index fails on them deep inside (torch.cat of nothing)
+            raise ValueError(
+                f"batch rows {empty_rows} are all padding (attention_mask all 0) in a batch with media: HF's M-RoPE "
+                "index cannot place them; pass position_ids computed per sample (veomni_omni.data.samples.rope_positions)"
+            )
         if feature_attention_mask is not None:
             audio_feature_lengths = feature_attention_mask.sum(dim=1)
         position_ids = self.compute_3d_position_ids(
@@ -174,6 +187,21 @@ def thinker_model_forward(
 def omni_forward(self, *args, **kwargs):
     """Training forward of the top-level model: the thinker's (talker and code2wav are carried, not run)."""
     return self.thinker(*args, **kwargs)
+
+
+def _zero_without_targets(loss: torch.Tensor, labels: torch.Tensor, shift_labels) -> torch.Tensor:
+    """HF's token mean over a batch with no supervised token is 0/0 = NaN; make it 0 (its gradients
+    are already 0), so a padding-only batch adds nothing to the global loss. No host sync."""
+    targets = shift_labels if shift_labels is not None else labels[..., 1:]
+    return torch.where((targets != -100).any(), loss, torch.zeros_like(loss))
+
+
+def _padding_only(attention_mask: Optional[torch.Tensor], sp_inputs: Optional[dict]) -> bool:
+    """Whether the batch holds no token at all (see veomni_omni.data.checks.padding_batch). Under SP
+    the collator says so on the host; otherwise this reads the mask (a host sync outside SP only)."""
+    if sp_inputs is not None:
+        return sp_inputs["tokens"] == 0
+    return attention_mask is not None and not bool(attention_mask.any())
 
 
 def _veomni_loss_installed(loss_function) -> bool:
@@ -242,11 +270,17 @@ def thinker_causal_lm_forward(
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
 
+    if loss is not None and "sp_inputs" not in kwargs:  # under SP, VeOmni's loss reduction already does this
+        loss = _zero_without_targets(loss, labels, kwargs.get("shift_labels"))
+
     aux_loss = None
     if output_router_logits:
+        no_tokens = _padding_only(attention_mask, kwargs.get("sp_inputs"))
         aux_loss = hf_modeling.load_balancing_loss_func(
-            outputs.router_logits, self.num_experts, self.num_experts_per_tok, attention_mask
+            outputs.router_logits, self.num_experts, self.num_experts_per_tok, None if no_tokens else attention_mask
         )
+        if no_tokens:  # the masked mean over no token is 0/0; a padding-only batch balances nothing
+            aux_loss = aux_loss * 0.0
         if labels is not None:
             loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
 
