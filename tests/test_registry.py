@@ -110,3 +110,7 @@ def test_forward_under_veomni_loss_matches_hf(tiny_thinker, patched, keep_loss_m
     assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
     errors = parity_errors(grads, ref_grads)
     assert not errors, "\n".join(errors)
+    # HF's output contract holds under VeOmni's loss too: logits are (batch, seq, vocab).
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.logits.shape == (*batch["input_ids"].shape, model.config.text_config.vocab_size)

@@ -265,6 +265,8 @@ def thinker_causal_lm_forward(
             logits=None, labels=labels, vocab_size=vocab_size,
             hidden_states=hidden_states, weights=self.lm_head.weight, **kwargs,
         )
+        if logits is not None:  # its unfused path returns (tokens, vocab); HF's contract is (batch, seq, vocab)
+            logits = logits.view(*hidden_states.shape[:-1], -1)
     else:
         logits = self.lm_head(hidden_states)
         if labels is not None:
