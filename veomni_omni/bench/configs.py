@@ -151,3 +151,19 @@ def real_thinker_config(
         architectures=["Qwen3OmniMoeThinkerForConditionalGeneration"],
         **_SPECIAL_IDS,
     )
+
+
+def cpu_workload(args):
+    """The CPU timing benchmarks' shared setup: the patched tiny thinker (seed 0, train mode), its
+    mixed batch, and (reps, warmup) from the parsed `args`."""
+    import torch
+    from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
+
+    import veomni_omni
+
+    veomni_omni.apply()
+    config = cpu_thinker_config()
+    torch.manual_seed(0)
+    model = Qwen3OmniMoeThinkerForConditionalGeneration(config).train()
+    reps, warmup = (2, 0) if args.quick else (args.reps, args.warmup)
+    return config, model, cpu_mixed_batch(config, quick=args.quick), reps, warmup

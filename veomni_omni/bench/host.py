@@ -153,21 +153,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     set_threads(args.threads)
 
-    import veomni_omni
-    from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
-
     from veomni_omni.host import eager_ops_config
 
-    from .configs import cpu_mixed_batch, cpu_thinker_config
+    from .configs import cpu_workload
 
     quiet_veomni_logs()
-    veomni_omni.apply()
-    reps, warmup = (2, 0) if args.quick else (args.reps, args.warmup)
-    config = cpu_thinker_config()
-    torch.manual_seed(0)
-    ours = Qwen3OmniMoeThinkerForConditionalGeneration(config).train()
+    config, ours, batch, reps, warmup = cpu_workload(args)
     ops_config = eager_ops_config()
-    batch = cpu_mixed_batch(config, quick=args.quick)
     veomni_batch = to_veomni_inputs(batch, config)
 
     with veomni_ops(ops_config):

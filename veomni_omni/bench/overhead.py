@@ -37,17 +37,11 @@ def main(argv=None) -> int:
     set_threads(args.threads)
 
     import veomni_omni
-    from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 
-    from .configs import cpu_mixed_batch, cpu_thinker_config
+    from .configs import cpu_workload
 
     quiet_veomni_logs()
-    veomni_omni.apply()
-    reps, warmup = (2, 0) if args.quick else (args.reps, args.warmup)
-    config = cpu_thinker_config()
-    torch.manual_seed(0)
-    model = Qwen3OmniMoeThinkerForConditionalGeneration(config).train()
-    batch = cpu_mixed_batch(config, quick=args.quick)
+    _, model, batch, reps, warmup = cpu_workload(args)
     losses = {}
 
     def step(name, context):
