@@ -10,9 +10,9 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 
 setup: $(VENV)/.installed
 
-## The main job.
+## The main job: recipes/tiny_cpu.yaml on $(NPROC) ranks (CPU: FSDP2 x Ulysses SP 2 x EP 2); ARGS="key=value ..." overrides.
 train: setup
-	$(PY) -m veomni_omni.train
+	OMP_NUM_THREADS=1 VEOMNI_VERBOSITY=warning $(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m veomni_omni.train recipes/tiny_cpu.yaml $(ARGS)
 
 ## The test suite (what CI runs).
 test: setup

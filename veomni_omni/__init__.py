@@ -1,6 +1,8 @@
-"""veomni_omni: Qwen3-Omni-MoE for VeOmni. Importing it applies the patch set and hands
-VeOmni's registries our classes; `undo()` restores upstream transformers and VeOmni."""
+"""veomni_omni: Qwen3-Omni-MoE for VeOmni. Importing it applies the patch set, hands VeOmni's
+registries our classes and lets VeOmni's distributed set-up run on CPU (gloo); `undo()` restores
+upstream transformers and VeOmni."""
 
+from . import host_cpu as _host_cpu
 from . import patching as _patching
 from . import registry as _registry
 from .data import video_processor as _video_processor
@@ -13,6 +15,8 @@ _HOOKS = (
     (_sequence_parallel.register_attention, _sequence_parallel.unregister_attention),
     # transformers 5.22 cannot build or load a video processor without torchvision: ours fills in.
     (_video_processor.register, _video_processor.unregister),
+    # VeOmni's distributed set-up refuses CPU; gloo and a CPU device module fill in.
+    (_host_cpu.apply, _host_cpu.undo),
 )
 
 

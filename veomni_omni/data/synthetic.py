@@ -2,16 +2,16 @@
 
 Tasks (every answer is one word from at most 4 classes, so chance ≤ 0.25):
 
-| task            | input                                        | question asks for          | classes |
-|-----------------|----------------------------------------------|----------------------------|---------|
-| image_shape     | a coloured shape on noise (64×64)            | the shape                  | 4       |
-| image_colour    | same                                         | the colour                 | 4       |
-| audio_pitch     | a tone, 0.5–1 s at 16 kHz                    | its pitch class            | 4       |
-| video_motion    | 4 frames of a shape moving (64×64, 4 fps)    | the direction              | 4       |
-| av_motion       | same video with a tone soundtrack            | the direction (vision)     | 4       |
-| av_pitch        | same                                         | the tone's pitch (audio)   | 4       |
-| text_arith      | "What is a plus b modulo four?"              | the sum mod 4 as a word    | 4       |
-| text_animal     | "Which animal says moo?"                     | the animal                 | 4       |
+| task          | input                                           | question asks for        | classes |
+|---------------|-------------------------------------------------|--------------------------|---------|
+| image_shape   | a large coloured shape on noise (64×64)         | the shape                | 4       |
+| image_colour  | same                                            | the colour               | 4       |
+| audio_pitch   | a tone, 0.5–1 s at 16 kHz                       | its pitch class          | 4       |
+| video_motion  | 4 frames of a small shape moving (64×64, 4 fps) | the direction            | 4       |
+| av_motion     | same video with a tone soundtrack               | the direction (vision)   | 4       |
+| av_pitch      | same                                            | the tone's pitch (audio) | 4       |
+| text_arith    | "What is a plus b modulo four?"                 | the sum mod 4 as a word  | 4       |
+| text_animal   | "Which animal says moo?"                        | the animal               | 4       |
 
 Sizes are chosen for a tiny model on 2 CPU cores with patch 16 and merge 2: a 64×64 image is a
 4×4 ViT grid (4 LM tokens), a 4-frame video 2×4×4 (8 tokens), 1 s of audio 100 mel frames
@@ -91,7 +91,13 @@ SYSTEM_PROMPT = "You are a helpful assistant."
 IMAGE_SIZE = 64
 VIDEO_FRAMES = 4
 VIDEO_FPS = 4.0
-STEP = 8  # pixels per frame of motion
+# Visual difficulty is sized for a tiny ViT trained from scratch in minutes (the main job): shapes
+# large and near the centre (their outline, not their position, is the signal); moving shapes
+# small and fast, so consecutive frames (one ViT tubelet) differ clearly.
+SHAPE_RADIUS = (0.27, 0.33)  # fraction of the image size
+SHAPE_JITTER = 6  # pixels the shape's centre may sit off the image centre, per axis
+MOVER_RADIUS = (0.1, 0.125)
+STEP = 12  # pixels per frame of motion
 _SPLIT_STREAM = {"train": 0, "eval": 1}
 
 
@@ -123,10 +129,10 @@ def _jitter_colour(rng: np.random.Generator, name: str) -> tuple:
 
 
 def make_image(rng: np.random.Generator, shape: str, colour: str, size: int = IMAGE_SIZE) -> np.ndarray:
-    """(size, size, 3) uint8: one shape of the colour, random size and place, on a noisy background."""
+    """(size, size, 3) uint8: one shape of the colour, of random size near the centre, on a noisy background."""
     image = Image.fromarray(_background(rng, size))
-    r = rng.uniform(size * 0.18, size * 0.3)
-    cy, cx = rng.uniform(r + 1, size - r - 1, 2)
+    r = rng.uniform(size * SHAPE_RADIUS[0], size * SHAPE_RADIUS[1])
+    cy, cx = size / 2 + rng.uniform(-SHAPE_JITTER, SHAPE_JITTER, 2)
     _draw_shape(image, shape, cy, cx, r, _jitter_colour(rng, colour))
     return np.asarray(image)
 
@@ -155,7 +161,7 @@ def make_video(rng: np.random.Generator, direction: str, frames: int = VIDEO_FRA
     colour = tuple(COLOURS)[rng.integers(len(COLOURS))]
     fill = _jitter_colour(rng, colour)
     background = _background(rng, size)
-    r = rng.uniform(size * 0.12, size * 0.18)
+    r = rng.uniform(size * MOVER_RADIUS[0], size * MOVER_RADIUS[1])
     dy, dx = DIRECTIONS[direction]
     travel = STEP * (frames - 1)
     lo, hi = r + 1, size - r - 1
