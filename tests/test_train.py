@@ -204,6 +204,35 @@ def test_corrupt_and_missing_media_are_skipped_and_counted(tmp_path, encoder, ca
     assert any("file not found" in m for m in messages) and any("cannot decode" in m for m in messages)
 
 
+def test_a_sample_whose_placeholders_do_not_match_its_audio_is_named_before_the_forward(encoder):
+    """The pipeline checks each micro batch on the host and builds no model inputs for a bad one;
+    the train loop raises it on every rank at once (raise_on_problems, multi-rank in test_bad_input)."""
+    from veomni_omni.data import synthetic
+    from veomni_omni.data.checks import BadInputError, raise_on_problems
+    from veomni_omni.train_data import Pipeline
+
+    enc, config = encoder
+    samples = [s for s in synthetic.generate(40) if s["task"] == "audio_pitch"][:2]
+    bad_id = samples[1]["id"]
+
+    def drop_one_audio_token(sample):
+        encoded = dict(enc(sample))
+        if sample["id"] == bad_id:
+            ids = encoded["input_ids"]
+            first = int((ids == config.audio_token_id).nonzero()[0])
+            encoded["input_ids"] = torch.cat([ids[:first], ids[first + 1:]])
+            encoded["labels"] = torch.cat([encoded["labels"][:first], encoded["labels"][first + 1:]])
+        return encoded
+
+    pipe = Pipeline(samples, drop_one_audio_token, config, dp_size=1, dp_rank=0, sp_size=1, sp_rank=0, sp_group=None,
+                    pack_tokens=512, seed=0, cache=None, epochs=1)
+    mb = pipe.next_micro_batch()
+    assert len(mb.samples) == 2 and mb.inputs == {}
+    assert len(mb.problems) == 1 and bad_id in mb.problems[0] and "audio" in mb.problems[0], mb.problems
+    with pytest.raises(BadInputError, match=bad_id):
+        raise_on_problems(mb.problems)
+
+
 def test_sequence_parallel_shards_cover_the_packed_sequence(encoder):
     from veomni_omni.data import synthetic
     from veomni_omni.train_data import model_inputs

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from veomni_omni.data.checks import raise_on_problems
 from veomni_omni.recipe import Recipe, RecipeError, check_layout, load_recipe, model_config, recipe_to_dict
 
 
@@ -101,6 +102,7 @@ def evaluate(model, pipeline, n_samples: int, eos_id: int, device, sp_size: int)
     batches = []
     while (mb := pipeline.next_micro_batch()) is not None:
         batches.append(mb)
+    raise_on_problems([p for mb in batches for p in mb.problems])
     counts = torch.tensor([len(batches), -len(batches)], device=device)
     dist.all_reduce(counts, op=dist.ReduceOp.MAX)  # (most, -fewest) batches of any rank
     if counts[1] == 0:  # every rank sees it, so none is left waiting in a collective
@@ -384,6 +386,7 @@ def run(recipe: Recipe) -> dict:
     for step in range(1, t.steps + 1):
         t0 = time.time()
         micro = [train_pipe.next_micro_batch() for _ in range(t.micro_batches_per_step)]
+        raise_on_problems([p for mb in micro for p in mb.problems])  # the same error on every rank
         inputs = [_model_inputs(mb.inputs, device) for mb in micro]
         token_counts = count_loss_token(inputs)
         global_tokens = reduce_global_loss_token(token_counts)

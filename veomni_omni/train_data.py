@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .data import synthetic
+from .data.checks import micro_batch_problems
 from .data.samples import SampleEncoder
 from .data.sequence_parallel import IGNORE_INDEX, pack_rows, shard_for_sequence_parallel
 
@@ -198,6 +199,7 @@ class MicroBatch:
     tokens: dict  # tokens per modality of the whole pack (the DP group's, not this rank's slice)
     skipped: int  # samples skipped while filling it (this DP group)
     offsets: list = field(default_factory=list)  # start of each sample in the packed row (SP) / its row (SP = 1)
+    problems: list = field(default_factory=list)  # bad input found on the host (no inputs then); see train.py
 
 
 def model_inputs(samples: list[dict], config, sp_size: int, sp_rank: int) -> dict:
@@ -286,10 +288,13 @@ class Pipeline:
             return None
         encoded = [s for _, s in packed]
         offsets = np.cumsum([0] + [len(s["input_ids"]) for s in encoded[:-1]]).tolist()
+        # Checked here, raised in train.py once every rank has checked its own (no rank raises alone).
+        problems = micro_batch_problems(encoded, self.config, [self.samples[i].get("id", i) for i, _ in packed])
         return MicroBatch(
-            inputs=model_inputs(encoded, self.config, self.sp_size, self.sp_rank),
+            inputs={} if problems else model_inputs(encoded, self.config, self.sp_size, self.sp_rank),
             samples=packed,
             tokens=modality_tokens(encoded, self.config),
             skipped=skipped,
             offsets=offsets,
+            problems=problems,
         )
