@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from veomni_omni.checkpoint import load_hf_checkpoint, save_hf_checkpoint
 from veomni_omni.data.checks import raise_on_problems
 from veomni_omni.recipe import Recipe, RecipeError, check_layout, load_recipe, model_config, recipe_to_dict
 
@@ -188,31 +189,6 @@ def plot_losses(path: Path, losses: list, evals: list, chance: float) -> None:
     plt.close(fig)
 
 
-def save_hf(model, processor, path: Path, rank: int) -> None:
-    """The trained model in HF format (`save_pretrained`, with the processor) on rank 0: FSDP shards
-    gathered, and the experts' EP slices concatenated in expert order (the order VeOmni's plan cut
-    them in), so the checkpoint loads like a released one."""
-    from torch.distributed.tensor import DTensor, Shard
-    from veomni.distributed.parallel_state import get_parallel_state
-
-    state = get_parallel_state()
-    expert_sharded = {fqn for fqn, info in getattr(model, "_fqn2spec_info", {}).items() if isinstance(info.placement, Shard)}
-    full = {}
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-        if name in expert_sharded and state.ep_size > 1:
-            parts = [torch.empty_like(tensor) for _ in range(state.ep_size)]
-            dist.all_gather(parts, tensor.contiguous(), group=state.ep_group)
-            tensor = torch.cat(parts)
-        if rank == 0:
-            full[name] = tensor.detach().cpu()
-    if rank == 0:
-        path.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(path, state_dict=full)
-        processor.save_pretrained(path)
-    dist.barrier()
-
-
 def save_dcp(checkpointer, model, optimizer, scheduler, path: Path, step: int) -> None:
     """Model + optimizer + schedule as a DCP checkpoint (VeOmni's checkpointer, EP-aware)."""
     from veomni.distributed.parallel_state import get_parallel_state
@@ -333,11 +309,17 @@ def run(recipe: Recipe) -> dict:
         thinker.model.audio_tower.requires_grad_(False)
         thinker.model.audio_tower.proj1.requires_grad_(True)
     mp = MixedPrecisionConfig(enable=t.mixed_precision.enable, param_dtype=t.mixed_precision.param_dtype, reduce_dtype=t.mixed_precision.reduce_dtype)
+    # A released checkpoint (one tensor per expert, `thinker.` prefix) is read by our loader, each rank
+    # only its own shard; VeOmni's loader cannot read that layout. The from-scratch init is VeOmni's.
+    released = m.model_path is not None
     model = build_parallelize_model(
-        model, weights_path=weights_path, init_device="meta", enable_gradient_checkpointing=t.gradient_checkpointing,
+        model, weights_path=None if released else weights_path, should_skip_hf_weight_load=released,
+        init_device="meta", enable_gradient_checkpointing=t.gradient_checkpointing,
         mixed_precision=mp, enable_reshard_after_forward=t.accelerator.reshard_after_forward,
         basic_modules=list(getattr(model, "_no_split_modules", None) or []),
     )
+    if released:
+        load_hf_checkpoint(model, m.model_path)
     model.train()
     if weights_path != m.model_path:  # the from-scratch init has been loaded into the shards
         dist.barrier()
@@ -456,7 +438,7 @@ def run(recipe: Recipe) -> dict:
     skipped_distinct = len(set().union(*distinct))
     ckpt = out / "hf_ckpt"
     if t.save_hf:
-        save_hf(model, processor, ckpt, rank)
+        save_hf_checkpoint(model, ckpt, source=m.model_path, processor=processor)  # released layout, atomic
     if rank == 0 and t.plot:
         plot_losses(out / "loss.png", losses, evals, chance)
     wall = time.time() - start
