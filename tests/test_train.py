@@ -282,6 +282,16 @@ def test_two_rank_cpu_training_learns_and_counts_skipped_media(tmp_path):
     embed = model.model.language_model.embed_tokens.weight
     assert not torch.equal(router[:4], router[4:]) and not torch.equal(embed[:256], embed[256:])
 
+    # Fine-tuning from that checkpoint: read by veomni_omni.checkpoint into the FSDP2 x EP shards
+    # (each rank its own slices); the first loss continues where the first run ended.
+    again = tmp_path / "again"
+    output = run_ranks(TRAIN, 2, [str(TINY), f"train.output_dir={again}", "train.steps=2", f"model.config_path={out / 'hf_ckpt'}",
+                                  f"model.model_path={out / 'hf_ckpt'}", "train.plot=false", *SHORT], timeout_s=150)
+    resumed = [v for _, v in json.loads((again / "summary.json").read_text())["losses"]]
+    assert resumed[0] < 0.8 * sum(losses[:3]) / 3, (resumed, losses)
+    reloaded = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(again / "hf_ckpt")
+    assert reloaded.config.text_config.vocab_size == 512
+
 
 def _failing_job(tmp_path, fault, rank, step, *overrides, timeout_s=90):
     """Run the job with a fault injected; return (error text, seconds) of a run that must fail."""
