@@ -310,7 +310,8 @@ def run(recipe: Recipe) -> dict:
         thinker.model.audio_tower.proj1.requires_grad_(True)
     mp = MixedPrecisionConfig(enable=t.mixed_precision.enable, param_dtype=t.mixed_precision.param_dtype, reduce_dtype=t.mixed_precision.reduce_dtype)
     # A released checkpoint (one tensor per expert, `thinker.` prefix) is read by our loader, each rank
-    # only its own shard; VeOmni's loader cannot read that layout. The from-scratch init is VeOmni's.
+    # only its own shard; VeOmni's loader cannot read that layout. The from-scratch init (initial_weights,
+    # fused layout) goes through VeOmni's loader.
     released = m.model_path is not None
     model = build_parallelize_model(
         model, weights_path=None if released else weights_path, should_skip_hf_weight_load=released,
