@@ -1,9 +1,9 @@
 """The patch mechanism: named, fingerprinted, reversible replacements of HF attributes.
 
-A `Patch` replaces (or adds) one attribute of one transformers class. Before anything is
-touched, the source of every function being replaced is hashed and compared with the
+A `Patch` replaces (or adds) one attribute of one transformers class or VeOmni module. Before
+anything is touched, the source of every function being replaced is hashed and compared with the
 fingerprint the patch was written against; a mismatch raises `PatchFingerprintError`
-naming the function and the installed transformers version, unless the user opts out with
+naming the function and the installed transformers (or VeOmni) version, unless the user opts out with
 `VEOMNI_OMNI_ALLOW_UNVERIFIED_PATCHES=1`.
 
 `python -m veomni_omni.patching --write` regenerates `patches/*.diff` (HF original vs our
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import hashlib
+import importlib.metadata
 import inspect
 import os
 import sys
@@ -22,9 +23,8 @@ import textwrap
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Iterable, Optional
-
-import transformers
 
 OPT_OUT_ENV = "VEOMNI_OMNI_ALLOW_UNVERIFIED_PATCHES"
 DIFF_DIR = Path(__file__).resolve().parent.parent / "patches"
@@ -52,7 +52,7 @@ class Patch:
     """
 
     name: str
-    owner: type
+    owner: type | ModuleType
     attr: str
     replacement: Callable
     fingerprint: Optional[str]
@@ -62,6 +62,13 @@ class Patch:
     @property
     def target(self) -> str:
         return f"{self.owner.__name__}.{self.attr}"
+
+    @property
+    def upstream(self) -> str:
+        """'<library> <installed version>' the target belongs to (transformers, veomni)."""
+        module = self.owner.__name__ if isinstance(self.owner, ModuleType) else self.owner.__module__
+        library = module.partition(".")[0]
+        return f"{library} {importlib.metadata.version(library)}"
 
     def original(self):
         """The upstream attribute, whether or not the patch is applied now."""
@@ -75,29 +82,30 @@ class Patch:
         if self.fingerprint is None:
             if original is not None:
                 raise PatchFingerprintError(
-                    f"{self.target} now exists in transformers {transformers.__version__}; "
+                    f"{self.target} now exists in {self.upstream}; "
                     f"veomni_omni's patch '{self.name}' was written to add it, not to replace it. "
                     f"Set {OPT_OUT_ENV}=1 to apply it anyway."
                 )
             return
         if original is None:
             raise PatchFingerprintError(
-                f"{self.target} does not exist in transformers {transformers.__version__}; "
+                f"{self.target} does not exist in {self.upstream}; "
                 f"veomni_omni's patch '{self.name}' cannot be applied."
             )
         found = fingerprint(original)
         if found != self.fingerprint:
             raise PatchFingerprintError(
-                f"{self.target} in transformers {transformers.__version__} has changed since veomni_omni's "
+                f"{self.target} in {self.upstream} has changed since veomni_omni's "
                 f"patch '{self.name}' was written (fingerprint {found}, expected {self.fingerprint}). "
-                f"Install transformers>=5.22,<5.23, or set {OPT_OUT_ENV}=1 to apply the patch anyway."
+                f"Install the version veomni_omni requires (pyproject.toml), or set {OPT_OUT_ENV}=1 to apply the patch anyway."
             )
 
     def diff(self) -> str:
         original = self.original()
         old = source_of(original).splitlines(keepends=True) if original is not None else []
         new = source_of(self.replacement).splitlines(keepends=True)
-        origin = f"transformers {transformers.__version__}: {self.owner.__module__}.{self.target}"
+        where = self.target if isinstance(self.owner, ModuleType) else f"{self.owner.__module__}.{self.target}"
+        origin = f"{self.upstream}: {where}"
         ours = f"veomni_omni: {self.replacement.__module__}.{self.replacement.__qualname__}"
         header = f"# patch {self.name}: {self.why}\n# test: {self.test}\n"
         return header + "".join(difflib.unified_diff(old, new, fromfile=origin, tofile=ours))

@@ -2,7 +2,9 @@
 replaces (None: an addition), why, and the test that proves it. Diffs: patches/<name>.diff."""
 
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
+from veomni.arguments import parser as veomni_parser
 
+from . import config_keys
 from .models import init, moe, sequence_parallel, thinker
 from .parallel import plan
 from .patching import Patch
@@ -115,5 +117,14 @@ PATCHES = (
         fingerprint=None,
         why="the same plan for the thinker's text decoder built on its own (registry: ThinkerTextModel)",
         test="tests/test_moe.py::test_plans_name_exactly_the_thinker_experts",
+    ),
+    Patch(
+        name="config_unknown_keys",
+        owner=veomni_parser,
+        attr="_instantiate_recursive",
+        replacement=config_keys.instantiate_checked,
+        fingerprint="1af38c4f756de986",
+        why="VeOmni's parse_args drops YAML keys no arguments field declares (a typo trains on defaults); they fail, naming the closest spelling",
+        test="tests/test_config_keys.py",
     ),
 )
