@@ -75,6 +75,8 @@ def test_video_round_trip_with_soundtrack(tmp_path):
     save_video(silent, frames, fps=2.0)
     assert load_video(silent, with_audio=True).audio is None
     assert np.array_equal(load_video(list(frames), fps=3).frames, frames)
+    sub = load_video(frames, num_frames=3, fps=6)  # 1 s of frames at 6 fps: 3 of them are 3 per second
+    assert np.array_equal(sub.frames, frames[[0, 2, 4]]) and sub.fps == 3.0
 
 
 def _bad_media(tmp_path):
