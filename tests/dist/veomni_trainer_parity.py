@@ -1,0 +1,93 @@
+"""torchrun worker: VeOmni's own VLMTrainer (unmodified) trains a few steps from a VeOmni YAML; a callback
+and a wrapper record, per step, what the parity test needs to recompute the step without the patches.
+
+Per step, on rank 0: the model's full weights at the step's start (before its update), every rank's micro
+batches (as the collator made them), the full gradients just before `optimizer.step` (after VeOmni's
+clipping, which the config turns into a no-op), the global loss (every rank's share summed over the
+micro batches and ranks, divided by the FSDP size VeOmni's `mean_global_loss` multiplies by) and the
+grad norm VeOmni reports, how often each rank ran each encoder, plus the layout (world, EP size,
+whether the model checkpoints gradients, experts held per rank).
+
+argv: out.pt config.yaml   (the config as `tasks/train_vlm.py` takes it)
+"""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+import veomni_omni  # noqa: F401  (patches + registry, before VeOmni builds anything)
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerTextExperts
+from veomni.arguments import parse_args
+from veomni.distributed.parallel_state import get_parallel_state
+from veomni.trainer.callbacks.base import Callback
+from veomni.trainer.vlm_trainer import VeOmniVLMArguments, VLMTrainer
+
+from veomni_omni.testing import gather_full_tensors
+
+
+class StepRecorder(Callback):
+    """Weights and micro batches at step begin, gradients at `optimizer.step`, loss and grad norm at step end."""
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        self.steps = []
+        self.encoder_calls = {}
+        for name in ("visual", "audio_tower"):
+            encoder = getattr(trainer.model.thinker.model, name)
+            encoder.register_forward_hook(lambda *_, name=name: self.encoder_calls.update({name: self.encoder_calls[name] + 1}))
+        self._wrap_optimizer_step()
+
+    def _gather_to_rank0(self, obj):
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, obj)
+        return everyone
+
+    def on_step_begin(self, state, micro_batches=None, **kwargs):
+        batches = [{k: v.clone() if torch.is_tensor(v) else v for k, v in mb.items()} for mb in micro_batches]
+        self.encoder_calls = {"visual": 0, "audio_tower": 0}
+        self.steps.append({
+            "weights": gather_full_tensors(self.trainer.model),
+            "micro_batches": self._gather_to_rank0(batches),
+        })
+
+    def _wrap_optimizer_step(self):
+        optimizer = self.trainer.optimizer
+        step = optimizer.step
+
+        def recording_step(*args, **kwargs):
+            self.steps[-1]["grads"] = gather_full_tensors(self.trainer.model, grads=True)
+            return step(*args, **kwargs)
+
+        optimizer.step = recording_step
+
+    def on_step_end(self, state, loss=None, grad_norm=None, **kwargs):
+        shares = self._gather_to_rank0(loss)
+        self.steps[-1]["loss"] = sum(shares) / self.parallel_state.fsdp_size
+        self.steps[-1]["grad_norm"] = grad_norm
+        self.steps[-1]["encoder_calls"] = self._gather_to_rank0(self.encoder_calls)
+
+
+def main():
+    out_file = sys.argv.pop(1)
+    args = parse_args(VeOmniVLMArguments)
+    trainer = VLMTrainer(args)
+    recorder = StepRecorder(trainer.base)
+    trainer.base._callbacks.append(recorder)
+    state = get_parallel_state()
+    model = trainer.base.model
+    layout = {
+        "world": dist.get_world_size(), "ep": state.ep_size if state.ep_enabled else 1,
+        "gradient_checkpointing": model.is_gradient_checkpointing,
+        # experts each rank holds per MoE layer (the plan shards them over EP)
+        "local_experts": recorder._gather_to_rank0(
+            sorted({m.gate_up_proj.shape[0] for m in model.modules() if isinstance(m, Qwen3OmniMoeThinkerTextExperts)})
+        ),
+    }
+    trainer.train()  # ends with VeOmni tearing the process group down
+    if args.train.global_rank == 0:
+        torch.save({"layout": layout, "steps": recorder.steps}, out_file)
+
+
+if __name__ == "__main__":
+    main()
