@@ -122,6 +122,19 @@ def test_compressed_audio_decodes_to_the_tones(codec, container, rate):
         assert _amplitude_at(audio[:32000], freq) == pytest.approx(0.25, rel=0.1), freq  # lossy codecs
 
 
+def test_rate_and_layout_changing_midstream():
+    """Concatenated ADTS streams (22.05 kHz mono, then 44.1 kHz stereo) decode as one clip."""
+    first = _write_audio("aac", _tone(440, 1.0, 22050)[None], "adts", rate=22050)
+    second = _write_audio("aac", np.stack([_tone(1000, 1.0, 44100)] * 2), "adts", rate=44100)
+    audio = load_audio(first + second)
+    assert 32000 <= len(audio) <= 32000 + 2048
+    first_half, second_half = audio[2000:14000], audio[18000:30000]  # away from the junction and the ends
+    assert _peak_hz(first_half) == pytest.approx(440, abs=3)
+    assert _peak_hz(second_half) == pytest.approx(1000, abs=3)
+    assert _amplitude_at(first_half, 440) == pytest.approx(0.5, rel=0.1)
+    assert _amplitude_at(second_half, 1000) == pytest.approx(0.5, rel=0.1)  # both channels carry it
+
+
 def test_audio_from_a_path_equals_audio_from_bytes(tmp_path):
     path = tmp_path / "tone.flac"
     path.write_bytes(_write_audio("flac", _tone(440)[None], "flac"))

@@ -89,7 +89,7 @@ def _check_file(path) -> None:
 def _decoder_errors() -> tuple:
     import av
 
-    # What PIL's and FFmpeg's parsers raise on bad bytes (PIL's own fuzz tests accept these types).
+    # What PIL's and FFmpeg's parsers raise on malformed data; others (a TypeError: a bug here) propagate.
     return (av.FFmpegError, OSError, ValueError, EOFError, SyntaxError, struct.error, IndexError, KeyError,
             ZeroDivisionError, Image.DecompressionBombError)
 
@@ -146,9 +146,7 @@ def load_image(source: Any) -> Image.Image:
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim not in (2, 3) or (source.ndim == 3 and source.shape[2] not in (1, 3, 4)):
             raise MediaError(source, f"expected an (H, W[, 1|3|4]) uint8 array, got {source.dtype} {source.shape}")
-        image = Image.fromarray(source[..., 0] if source.ndim == 3 and source.shape[2] == 1 else source)
-        with _decoding(source, "image"):
-            image = _to_rgb(image)
+        image = _to_rgb(Image.fromarray(source[..., 0] if source.ndim == 3 and source.shape[2] == 1 else source))
     elif isinstance(source, Image.Image) or _is_path(source) or isinstance(source, (bytes, bytearray)):
         if _is_path(source):
             _check_file(source)
@@ -214,16 +212,16 @@ def _decode_audio(container, source: Any, sampling_rate: int) -> np.ndarray:
 
     chunks, resampler, setup = [], None, None
 
-    def drain():
-        return [out.to_ndarray().mean(axis=0) for out in resampler.resample(None)] if resampler else []
+    def mono(frames) -> list:
+        return [out.to_ndarray().mean(axis=0) for out in frames]
 
     for frame in container.decode(container.streams.audio[0]):
         if (frame.format.name, frame.layout.name, frame.sample_rate) != setup:
-            chunks += drain()
+            chunks += mono(resampler.resample(None)) if resampler else []
             resampler = av.AudioResampler(format="fltp", rate=sampling_rate)
             setup = (frame.format.name, frame.layout.name, frame.sample_rate)
-        chunks += [out.to_ndarray().mean(axis=0) for out in resampler.resample(frame)]
-    chunks += drain()
+        chunks += mono(resampler.resample(frame))
+    chunks += mono(resampler.resample(None)) if resampler else []
     samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
     if samples.size == 0:
         raise MediaError(source, "audio stream has no samples")
