@@ -35,8 +35,13 @@ class PatchFingerprintError(RuntimeError):
     """The HF source a patch replaces is not the source it was written against."""
 
 
+def _code_of(attr):
+    """The function behind a class attribute (a property's getter)."""
+    return attr.fget if isinstance(attr, property) else attr
+
+
 def source_of(fn: Callable) -> str:
-    return textwrap.dedent(inspect.getsource(inspect.unwrap(fn)))
+    return textwrap.dedent(inspect.getsource(inspect.unwrap(_code_of(fn))))
 
 
 def fingerprint(fn: Callable) -> str:
@@ -54,7 +59,7 @@ class Patch:
     name: str
     owner: type | ModuleType
     attr: str
-    replacement: Callable
+    replacement: Callable | property
     fingerprint: Optional[str]
     why: str
     test: str
@@ -106,7 +111,8 @@ class Patch:
         new = source_of(self.replacement).splitlines(keepends=True)
         where = self.target if isinstance(self.owner, ModuleType) else f"{self.owner.__module__}.{self.target}"
         origin = f"{self.upstream}: {where}"
-        ours = f"veomni_omni: {self.replacement.__module__}.{self.replacement.__qualname__}"
+        code = _code_of(self.replacement)
+        ours = f"veomni_omni: {code.__module__}.{code.__qualname__}"
         header = f"# patch {self.name}: {self.why}\n# test: {self.test}\n"
         return header + "".join(difflib.unified_diff(old, new, fromfile=origin, tofile=ours))
 

@@ -11,6 +11,8 @@ from transformers.models.qwen3_omni_moe import configuration_qwen3_omni_moe as h
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf_modeling
 from transformers.models.qwen3_omni_moe import processing_qwen3_omni_moe as hf_processing
 
+from .data.veomni_transform import transform_sample
+
 # (substring of the architecture name, class), most specific first.
 _ARCHITECTURES = (
     ("ThinkerTextModel", hf_modeling.Qwen3OmniMoeThinkerTextModel),
@@ -49,13 +51,19 @@ ENTRIES = {
     "MODEL_PROCESSOR_REGISTRY": {
         "Qwen3OmniMoeProcessor": lambda: hf_processing.Qwen3OmniMoeProcessor,
     },
+    # VLMTrainer builds its data transform by the config's model_type (called with the sample).
+    "DATA_TRANSFORM_REGISTRY": {
+        "qwen3_omni_moe": transform_sample,
+        "qwen3_omni_moe_thinker": transform_sample,
+    },
 }
 
 
 def _registries():
+    from veomni.data import data_transform
     from veomni.models import loader
 
-    return {name: getattr(loader, name) for name in ENTRIES}
+    return {name: getattr(data_transform if name == "DATA_TRANSFORM_REGISTRY" else loader, name) for name in ENTRIES}
 
 
 _previous: dict[tuple[str, str], object] = {}

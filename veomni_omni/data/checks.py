@@ -71,13 +71,19 @@ def input_problems(inputs: dict, config, name: Any = "batch") -> list[str]:
             problems.append(f"sample {name}: {modality}: {pixels.shape[0]} rows in {pixels_key}, {patches} patches in the grids")
         count_mismatch(modality, patches // merge**2, f"{modality}_grid_thw {grids.tolist()}")
 
-    mask = inputs.get("feature_attention_mask")
-    if mask is None:
-        count_mismatch("audio", 0, "no feature_attention_mask")
+    mask, lengths = inputs.get("feature_attention_mask"), inputs.get("audio_feature_lengths")
+    if mask is not None:  # HF's layout: (clips, mel, frames) + mask
+        frames, source = mask.view(-1, mask.shape[-1]).sum(-1), "feature_attention_mask"
+    elif lengths is not None:  # VeOmni's flat layout: (frames of all clips, mel) + lengths
+        frames, source = lengths.view(-1), "audio_feature_lengths"
+        features = inputs.get("input_features")
+        if features is not None and features.shape[0] != int(frames.sum()):
+            problems.append(f"sample {name}: audio: {features.shape[0]} rows in input_features, {int(frames.sum())} frames in audio_feature_lengths")
     else:
-        frames = mask.view(-1, mask.shape[-1]).sum(-1)
-        tokens = _get_feat_extract_output_lengths(frames, config.audio_config.n_window)
-        count_mismatch("audio", int(tokens.sum()), f"feature_attention_mask (mel frames per clip {frames.tolist()})")
+        count_mismatch("audio", 0, "no feature_attention_mask or audio_feature_lengths")
+        return problems
+    tokens = _get_feat_extract_output_lengths(frames, config.audio_config.n_window)
+    count_mismatch("audio", int(tokens.sum()), f"{source} (mel frames per clip {frames.tolist()})")
     return problems
 
 

@@ -147,7 +147,7 @@ def _load_media(messages: list, use_audio_in_video: bool, media_root: Optional[s
                     source,
                     num_frames=part.get("nframes"),
                     fps=part.get("fps"),
-                    with_audio=use_audio_in_video and "audio" not in part,
+                    with_audio=use_audio_in_video and part.get("audio") is None,
                 )
                 videos.append(video.frames)
                 fps.append(video.fps)
@@ -247,7 +247,7 @@ def rope_positions(
     input_ids: torch.Tensor,
     image_grid_thw: Optional[torch.Tensor] = None,
     video_grid_thw: Optional[torch.Tensor] = None,
-    feature_attention_mask: Optional[torch.Tensor] = None,
+    audio_seqlens: Optional[torch.Tensor] = None,
     video_second_per_grid: Optional[torch.Tensor] = None,
     use_audio_in_video: bool = False,
 ) -> torch.Tensor:
@@ -266,7 +266,7 @@ def rope_positions(
         video_grid_thw,
         torch.ones_like(ids),
         use_audio_in_video,
-        feature_attention_mask.sum(-1) if feature_attention_mask is not None else None,
+        audio_seqlens,
         video_second_per_grid,
     )
     return positions[:, 0]
@@ -341,6 +341,8 @@ def encode_sample(
     overflow: str = "drop",
     use_audio_in_video: Optional[bool] = None,
     media_root: Optional[str] = None,
+    image_size: Optional[dict] = None,
+    video_size: Optional[dict] = None,
 ) -> dict:
     """Model inputs of one chat sample (a dict with "messages", or the message list itself).
 
@@ -348,7 +350,8 @@ def encode_sample(
     token ids must match the processor's tokenizer, and its `position_id_per_seconds` and audio
     `n_window` are used for the audio-in-video interleaving and the audio token counts (the
     processor's own defaults, 13 and 50, may differ from the model's). `use_audio_in_video`
-    defaults to the sample's "use_audio_in_video" key. Raises `MediaError` for unreadable media
+    defaults to the sample's "use_audio_in_video" key. `image_size` / `video_size` override the image /
+    video processor's pixel bounds ({"shortest_edge": min_pixels, "longest_edge": max_pixels}). Raises `MediaError` for unreadable media
     and `SampleTooLong` for samples that do not fit (see module docstring).
     """
     if overflow not in ("drop", "truncate"):
@@ -370,7 +373,7 @@ def encode_sample(
     video_kwargs = {
         # Qwen3OmniMoeProcessor's class-level defaults pass size {shortest_edge: 128·32², ...} to the
         # video processor on every call, overriding the video processor's own configured size.
-        "size": dict(processor.video_processor.size),
+        "size": {**dict(processor.video_processor.size), **(video_size or {})},
         "use_audio_in_video": use_audio_in_video,
         "position_id_per_seconds": thinker.position_id_per_seconds,
     }
@@ -382,6 +385,7 @@ def encode_sample(
         videos=videos or None,
         audio=audios or None,
         videos_kwargs=video_kwargs,
+        images_kwargs={"size": {**dict(processor.image_processor.size), **image_size}} if image_size else {},
         audio_kwargs={"n_window": thinker.audio_config.n_window},
         # NumPy, not "pt": with torch grids the processor's audio-in-video interleaving calls
         # np.arange / np.broadcast_to on tensors (NumPy 2 DeprecationWarnings on every call)
@@ -424,7 +428,7 @@ def encode_sample(
         out["input_ids"],
         out.get("image_grid_thw"),
         out.get("video_grid_thw"),
-        out.get("feature_attention_mask"),
+        out["feature_attention_mask"].sum(-1) if "feature_attention_mask" in out else None,
         out.get("video_second_per_grid"),
         out["use_audio_in_video"],
     )

@@ -118,9 +118,23 @@ def encode_audio(
     audio_feature_lengths: Optional[torch.Tensor],
     kwargs: dict,
 ) -> Optional[torch.Tensor]:
-    """Audio tower output, (n_audio_tokens, H), clips in placeholder order."""
+    """Audio tower output, (n_audio_tokens, H), clips in placeholder order.
+
+    Two layouts: HF's padded (clips, mel, frames) + `feature_attention_mask`, and VeOmni's collated
+    flat one, (frames of all clips, mel) + `audio_feature_lengths` (HF's get_audio_features cannot
+    take it: it reads lengths only from the mask). Both reach the tower as (mel, frames of all clips)."""
     if input_features is None:
         return None
+    if feature_attention_mask is None:
+        if audio_feature_lengths is None or input_features.dim() != 2:
+            raise ValueError(
+                "audio: pass input_features (clips, mel, frames) with feature_attention_mask, or VeOmni's flat "
+                f"(frames, mel) with audio_feature_lengths; got input_features {tuple(input_features.shape)} "
+                f"and audio_feature_lengths {'None' if audio_feature_lengths is None else tuple(audio_feature_lengths.shape)}"
+            )
+        return thinker_model.audio_tower(
+            input_features.transpose(0, 1), feature_lens=audio_feature_lengths, return_dict=True, **kwargs
+        ).last_hidden_state
     return thinker_model.get_audio_features(
         input_features, feature_attention_mask, audio_feature_lengths, return_dict=True, **kwargs
     ).last_hidden_state

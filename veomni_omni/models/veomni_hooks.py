@@ -1,0 +1,77 @@
+"""What VeOmni 0.1.12's VLMTrainer and data pipeline call on a Qwen3-Omni model, for the HF 5.22 classes.
+
+VeOmni's trainer was written against its own generated copy of transformers 5.9's modeling, which
+carries these hooks; HF's classes do not. Each is added to the HF classes by the patch set:
+
+- `get_position_id_func()`: the trainer hands it to the data transform, which computes each sample's
+  3-axis M-RoPE positions on the host (HF's own `get_rope_index`).
+- `get_extra_collate_infos()`: how VeOmni's packing collator concatenates the audio inputs (VeOmni's
+  flat layout: `input_features` (frames, mel) of all clips + `audio_feature_lengths`).
+- `thinker.visual` / `thinker.audio_tower`: 5.9 kept the encoders on the thinker; 5.22 moved them to
+  `thinker.model`. VLMTrainer's freezing code (`freeze_vit`, `freeze_audio_tower`) reads the old names.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..data.samples import rope_positions
+
+
+class RopePositionIds:
+    """Picklable (DataLoader workers) M-RoPE position function in VeOmni's calling convention:
+    one unpadded sample, `input_ids` (1, S) → {"position_ids": (3, S)}.
+
+    `config` is the thinker config; VeOmni's transform protocol gives a transform nothing else of the
+    model, so veomni_omni's transform reads token ids and audio settings from here too."""
+
+    def __init__(self, config):
+        self.config = getattr(config, "thinker_config", config)
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        image_grid_thw: Optional[torch.Tensor] = None,
+        video_grid_thw: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        audio_seqlens: Optional[torch.Tensor] = None,
+        second_per_grids: Optional[torch.Tensor] = None,
+        use_audio_in_video: bool = False,
+    ) -> dict:
+        if input_ids.dim() == 2 and input_ids.shape[0] != 1:
+            raise ValueError(f"position ids are computed per sample: got input_ids of shape {tuple(input_ids.shape)}")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("position ids are computed per unpadded sample: attention_mask has padding")
+        positions = rope_positions(
+            self.config, input_ids.reshape(-1), image_grid_thw, video_grid_thw, audio_seqlens, second_per_grids, use_audio_in_video
+        )
+        return {"position_ids": positions}
+
+
+def get_position_id_func(self) -> RopePositionIds:
+    return RopePositionIds(self.config)
+
+
+# VeOmni's DataCollateInfo fields: (pack_dim, sp_slice, sp_pad_value, sp_pad_scale).
+AUDIO_COLLATE_INFOS = {
+    "input_features": (0, False, None, None),
+    "audio_feature_lengths": (0, False, None, None),
+}
+
+
+def get_extra_collate_infos(self) -> dict:
+    return dict(AUDIO_COLLATE_INFOS)
+
+
+def _thinker_visual(self):
+    return self.model.visual
+
+
+def _thinker_audio_tower(self):
+    return self.model.audio_tower
+
+
+thinker_visual = property(_thinker_visual, doc="The vision encoder (5.22 keeps it at `model.visual`).")
+thinker_audio_tower = property(_thinker_audio_tower, doc="The audio encoder (5.22 keeps it at `model.audio_tower`).")
