@@ -22,6 +22,8 @@ from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from veomni.distributed.sequence_parallel import gather_heads_scatter_seq, gather_seq_scatter_heads
 
+from .packed_attention import segment_attention, segment_bounds
+
 ULYSSES_SDPA = "veomni_omni_ulysses_sdpa"
 _vision_group: Optional[torch.distributed.ProcessGroup] = None
 _vision_segments: Optional[list[int]] = None  # host copy of the ViT's cu_seqlens under SP
@@ -58,17 +60,6 @@ def vision_sequence_parallel(group, segments: list[int]):
         _vision_group, _vision_segments = previous
 
 
-def _segment_attention(query, key, value, bounds: list[int], scaling, causal):
-    """Attention within each [bounds[i], bounds[i+1]) segment; (B, H, S, D) layout."""
-    outputs = [
-        F.scaled_dot_product_attention(
-            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=causal, scale=scaling, enable_gqa=True
-        )
-        for s, e in zip(bounds[:-1], bounds[1:])
-    ]
-    return torch.cat(outputs, dim=2)
-
-
 def vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
     """HF's ViT attention; under SP (inside `vision_sequence_parallel`) q/k/v gather the patch
     sequence and scatter heads before attention, and the output goes back the same way."""
@@ -79,7 +70,7 @@ def vision_attention_forward(self, hidden_states, cu_seqlens, position_embedding
     cos, sin = position_embeddings
     query, key = hf.apply_rotary_pos_emb_vision(query, key, cos, sin)
     query, key, value = (gather_seq_scatter_heads(t, seq_dim=0, head_dim=1, group=_vision_group) for t in (query, key, value))
-    out = _segment_attention(*(t.transpose(0, 1).unsqueeze(0) for t in (query, key, value)), _vision_segments, self.scaling, False)
+    out = segment_attention(*(t.transpose(0, 1).unsqueeze(0) for t in (query, key, value)), _vision_segments, self.scaling, False)
     out = gather_heads_scatter_seq(out[0].transpose(0, 1), head_dim=1, seq_dim=0, group=_vision_group)
     return self.proj(out.reshape(seq_length, -1).contiguous())
 
@@ -90,14 +81,14 @@ def ulysses_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     from veomni.ops.kernels.attention.ulysses import prepare_ulysses_qkv
 
     group = ulysses_group()
-    bounds = kwargs.get("cu_seq_lens_host")
+    bounds = segment_bounds(kwargs)  # of the whole packed row, which the all-to-all below gathers
     if group is None or bounds is None:
-        raise ValueError(f"{ULYSSES_SDPA} needs Ulysses SP and a sharded packed batch (cu_seq_lens_host)")
+        raise ValueError(f"{ULYSSES_SDPA} needs Ulysses SP and a packed batch's boundaries (cu_seq_lens_host or cu_seq_lens_q)")
     sp_size = torch.distributed.get_world_size(group)
     query, key, value, _ = prepare_ulysses_qkv(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), group=group, ulysses_size=sp_size
     )
-    out = _segment_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), bounds, scaling, True)
+    out = segment_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), bounds, scaling, True, dropout=dropout)
     return gather_heads_scatter_seq(out.transpose(1, 2), head_dim=2, seq_dim=1, group=group), None
 
 
