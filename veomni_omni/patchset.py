@@ -5,9 +5,9 @@ from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 from veomni.arguments import parser as veomni_parser
 
 from . import config_keys
+from .checkpoint import veomni_io
 from .models import init, moe, sequence_parallel, thinker
 from .parallel import plan
-from .models import packed_attention
 from .patching import Patch
 
 PATCHES = (
@@ -129,14 +129,30 @@ PATCHES = (
         test="tests/test_config_keys.py",
     ),
     Patch(
-        name="packed_attention",
-        owner=packed_attention.AttentionInterface,
-        attr="get_interface",
-        replacement=packed_attention.get_interface,
-        fingerprint="5c12a08a6f62f3b6",
-        why="VeOmni packs a micro batch into one row (all-ones mask + flash-attn's cu_seq_lens_*), which sdpa and eager ignore: "
-        "packed samples attended to each other. Where attention implementations are resolved, 'sdpa' becomes per-segment "
-        "causal sdpa when a row holds several samples (HF's own otherwise) and 'eager' refuses such a row",
-        test="tests/test_packing.py",
+        name="omni_checkpoint_converter",
+        owner=hf.Qwen3OmniMoeForConditionalGeneration,
+        attr="_create_checkpoint_tensor_converter",
+        replacement=staticmethod(veomni_io.create_checkpoint_converter),
+        fingerprint=None,
+        why="VeOmni's loader reads released checkpoints only through a model's converter; without one 1 of 204 thinker keys matched and the rest were randomly initialised. Missing/unexpected keys raise",
+        test="tests/test_checkpoint_veomni.py",
+    ),
+    Patch(
+        name="thinker_checkpoint_converter",
+        owner=hf.Qwen3OmniMoeThinkerForConditionalGeneration,
+        attr="_create_checkpoint_tensor_converter",
+        replacement=staticmethod(veomni_io.create_checkpoint_converter),
+        fingerprint=None,
+        why="the same for a thinker trained alone (reads the `thinker.` keys, drops talker/code2wav)",
+        test="tests/test_checkpoint_veomni.py",
+    ),
+    Patch(
+        name=veomni_io.HF_EXPORT_PATCH,
+        owner=veomni_io.HuggingfaceCkptCallback,
+        attr="_save_checkpoint",
+        replacement=veomni_io.hf_ckpt_callback_save,
+        fingerprint="c821088c5933931a",
+        why="VeOmni's HF export consolidates DCP on torch 2.9-2.11 only and writes 5.22's fused names; ours keeps its DCP save of the step and writes the released layout from the live model (other models: VeOmni's)",
+        test="tests/test_checkpoint_veomni.py",
     ),
 )
