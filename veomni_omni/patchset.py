@@ -8,6 +8,7 @@ from . import config_keys
 from .checkpoint import veomni_io
 from .models import init, moe, sequence_parallel, thinker
 from .parallel import plan
+from .models import packed_attention
 from .patching import Patch
 
 PATCHES = (
@@ -127,6 +128,17 @@ PATCHES = (
         fingerprint="1af38c4f756de986",
         why="VeOmni's parse_args drops YAML keys no arguments field declares (a typo trains on defaults); they fail, naming the closest spelling",
         test="tests/test_config_keys.py",
+    ),
+    Patch(
+        name="packed_attention",
+        owner=packed_attention.AttentionInterface,
+        attr="get_interface",
+        replacement=packed_attention.get_interface,
+        fingerprint="5c12a08a6f62f3b6",
+        why="VeOmni packs a micro batch into one row (all-ones mask + flash-attn's cu_seq_lens_*), which sdpa and eager ignore: "
+        "packed samples attended to each other. Where attention implementations are resolved, 'sdpa' becomes per-segment "
+        "causal sdpa when a row holds several samples (HF's own otherwise) and 'eager' refuses such a row",
+        test="tests/test_packing.py",
     ),
     Patch(
         name="omni_checkpoint_converter",
