@@ -16,7 +16,7 @@ What VeOmni reads: with a converter that fuses, no VeOmni loader reads per rank.
 (`train.broadcast_model_weights_from_rank0=True`) reads every tensor whole on rank 0, which
 assembles each fused parameter and broadcasts it whole; every rank then cuts its EP slice and
 FSDP shard. With the flag off, every rank reads every tensor whole. `ep_sharded_stream_load`
-refuses a fusing converter up front (NotImplementedError naming the first per-expert key).
+refuses a converter that fuses (ours claims every key) up front: NotImplementedError naming the first key.
 `veomni_omni.checkpoint.load_hf_checkpoint` is the per-rank alternative.
 
 In broadcast mode VeOmni calls `finalize` on rank 0 only: a bad checkpoint raises there, and
