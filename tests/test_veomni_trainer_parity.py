@@ -12,9 +12,14 @@ must match (DESIGN.md section 7: max|got - ref| <= 1e-5 max|ref| per tensor, see
 
 VeOmni's loss is the global token mean over all ranks' micro batches (`mean_global_loss`), which is
 HF's mean over the global batch. The router's auxiliary loss is off, as in tests/test_fsdp.py: it is
-computed per micro batch and is not the global batch's. One sample per micro batch: VeOmni's
-collator would otherwise pack samples into one row. Weights come from the trainer itself (gathered
-at each step's start), so the check does not depend on how the checkpoint was loaded.
+computed per micro batch and is not the global batch's. The planned runs put one sample in each
+micro batch, so each rank's modalities are known; the FSDP layout also runs VeOmni's default
+dynamic batching in the same process group (samples packed into one row per micro batch, kept
+apart by the patch set's `packed_attention`). The reference takes the trainer's own weights
+(gathered at each step's start); at the first step they must be the checkpoint's, loaded by VeOmni.
+Audio clips are whole seconds: HF's audio tower pads every chunk of a call to the longest one, so a
+clip with a short last chunk would encode differently in the reference's single call (see
+tests/test_packing.py).
 """
 
 import json
@@ -47,10 +52,10 @@ from veomni_omni.testing import (
 WORKER = str(Path(__file__).parent / "dist" / "veomni_trainer_parity.py")
 SEED = 7  # train.seed: VeOmni's sampler shuffles with it
 
-# Per layout: ranks, EP size, gradient checkpointing, and per step the samples of each rank's micro
-# batches (one sample each) by kind.
+# Per layout: ranks, EP size, gradient checkpointing, whether a packed run follows, and per step the
+# samples of each rank's micro batches (one sample each) by kind.
 LAYOUTS = {
-    "fsdp2": dict(world=2, ep=1, gc=False, steps=[
+    "fsdp2": dict(world=2, ep=1, gc=False, packed=True, steps=[
         [["text", "text"], ["image+audio", "video"]],
         [["image", "audio"], ["audio_in_video", "text"]],
     ]),
@@ -71,15 +76,17 @@ MODALITIES = {
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A tiny released-layout Qwen3-Omni checkpoint (thinker, talker, code2wav) with its processor."""
+    """A tiny released-layout Qwen3-Omni checkpoint (thinker, talker, code2wav) with its processor, and
+    the thinker's weights it holds."""
     path = tmp_path_factory.mktemp("tiny_omni")
     config = tiny_omni_config()
     config.thinker_config.text_config.output_router_logits = False
     torch.manual_seed(0)
     with veomni_omni.unpatched():
-        Qwen3OmniMoeForConditionalGeneration(config).save_pretrained(path)
+        model = Qwen3OmniMoeForConditionalGeneration(config)
+        model.save_pretrained(path)
     build_tiny_processor(path)
-    return path
+    return path, {name: w for name, w in model.state_dict().items() if name.startswith("thinker.")}
 
 
 class SampleMaker:
@@ -148,14 +155,19 @@ def write_dataset(path: Path, layout: dict, make: SampleMaker) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def write_config(path: Path, checkpoint: Path, data: Path, layout: dict, output_dir: Path) -> None:
+def write_config(path: Path, checkpoint: Path, data: Path, layout: dict, output_dir: Path, packed: bool = False) -> None:
     """A VeOmni YAML: fp32 everywhere (mixed precision with fp32 params), no clipping in effect, no
-    checkpoint or HF export, every op on its eager path (CPU)."""
+    checkpoint or HF export, every op on its eager path (CPU). One sample per micro batch as planned,
+    or (`packed`) VeOmni's default dynamic batching: samples packed into rows of up to max_seq_len
+    tokens, one step."""
     per_rank = len(layout["steps"][0][0])
     ops = {k: v for k, v in vars(eager_ops_config()).items() if v is not None}
+    data_config = {"train_path": str(data), "datasets_type": "mapping", "max_seq_len": 384 if packed else 512, "dataloader": {"num_workers": 0}}
+    if packed:
+        data_config["train_size"] = 10**6  # dynamic batching's step count needs it; max_steps caps the run
     config = {
         "model": {"model_path": str(checkpoint), "ops_implementation": ops},
-        "data": {"train_path": str(data), "datasets_type": "mapping", "max_seq_len": 512, "dataloader": {"num_workers": 0}},
+        "data": data_config,
         "train": {
             "seed": SEED,
             "accelerator": {
@@ -166,9 +178,9 @@ def write_config(path: Path, checkpoint: Path, data: Path, layout: dict, output_
             "optimizer": {"lr": 1.0e-3, "max_grad_norm": 1.0e9},
             "vit_lr": 1.0e-3,
             "micro_batch_size": 1,
-            "dyn_bsz": False,  # one sample per micro batch (VeOmni's default packs up to max_seq_len tokens)
+            "dyn_bsz": packed,
             "global_batch_size": layout["world"] * per_rank,
-            "max_steps": len(layout["steps"]),
+            "max_steps": 1 if packed else len(layout["steps"]),
             "num_train_epochs": 1,
             "init_device": "meta",
             "checkpoint": {"output_dir": str(output_dir), "save_steps": 0, "save_epochs": 0, "save_hf_weights": False},
@@ -193,41 +205,72 @@ def reference_step(thinker_config, record: dict) -> tuple:
     return loss, {f"thinker.{name}": g for name, g in grads.items()}
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
-def test_veomni_trainer_matches_single_process_hf(checkpoint, tmp_path, name):
-    layout = LAYOUTS[name]
-    write_dataset(tmp_path / "train.jsonl", layout, SampleMaker(tmp_path / "media"))
-    write_config(tmp_path / "config.yaml", checkpoint, tmp_path / "train.jsonl", layout, tmp_path / "out")
-    run_ranks(WORKER, layout["world"], [str(tmp_path / "out.pt"), str(tmp_path / "config.yaml")], timeout_s=300)
-    result = torch.load(tmp_path / "out.pt")
+def step_differences(thinker_config, record: dict, label: str) -> tuple[list[str], float]:
+    """A recorded step against the reference: failures (loss, grad norm, every gradient) and the
+    largest relative gradient difference."""
+    ref_loss, ref_grads = reference_step(thinker_config, record)
+    got_grads = record["grads"]
+    # A modality absent from the whole global batch has no reference gradient: ours must be exactly zero.
+    ref_grads = {n: (g if g is not None else torch.zeros_like(got_grads[n])) for n, g in ref_grads.items() if g is not None or n in got_grads}
+    failures = [f"{label}: {e}" for e in parity_errors(got_grads, ref_grads)]
+    if abs(record["loss"] - ref_loss.item()) > PARITY_RTOL * abs(ref_loss.item()):
+        failures.append(f"{label}: loss {record['loss']} vs reference {ref_loss.item()}")
+    ref_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in ref_grads.values()])).item()
+    if abs(record["grad_norm"] - ref_norm) > PARITY_RTOL * ref_norm:
+        failures.append(f"{label}: grad norm {record['grad_norm']} vs reference {ref_norm}")
+    return failures, max_relative_difference(got_grads, ref_grads)
 
+
+def check_run(result: dict, layout: dict, thinker_weights: dict, label: str) -> None:
+    """What every run must show: the configured layout, the checkpoint's weights at the start, and each
+    rank running each encoder once per micro batch (dummy inputs where it has none)."""
     experts = tiny_omni_config().thinker_config.text_config.num_experts
     assert result["layout"] == {
         "world": layout["world"], "ep": layout["ep"], "gradient_checkpointing": layout["gc"],
         "local_experts": [[experts // layout["ep"]]] * layout["world"],
-    }, "VeOmni did not lay the model out as configured"
-    assert len(result["steps"]) == len(layout["steps"]), "VeOmni's trainer did not run the planned steps"
+    }, f"{label}: VeOmni did not lay the model out as configured"
+    loaded = result["steps"][0]["weights"]
+    assert loaded.keys() == thinker_weights.keys(), f"{label}: the trained thinker's parameters are not the checkpoint's"
+    not_loaded = [n for n, w in loaded.items() if not torch.equal(w, thinker_weights[n])]
+    assert not not_loaded, f"{label}: VeOmni's loader did not load these from the released-layout checkpoint: {not_loaded[:5]}"
+    for step, record in enumerate(result["steps"], start=1):
+        for rank, (calls, batches) in enumerate(zip(record["encoder_calls"], record["micro_batches"])):
+            assert calls == {"visual": len(batches), "audio_tower": len(batches)}, (
+                f"{label} step {step} rank {rank}: encoder forwards {calls} for {len(batches)} micro batches; "
+                "every rank must run each encoder once per micro batch"
+            )
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_veomni_trainer_matches_single_process_hf(checkpoint, tmp_path, name):
+    checkpoint, thinker_weights = checkpoint
+    layout = LAYOUTS[name]
+    write_dataset(tmp_path / "train.jsonl", layout, SampleMaker(tmp_path / "media"))
+    configs = {"planned": tmp_path / "planned.yaml"}
+    if layout.get("packed"):
+        configs["packed"] = tmp_path / "packed.yaml"
+    for run, config in configs.items():
+        write_config(config, checkpoint, tmp_path / "train.jsonl", layout, tmp_path / run, packed=run == "packed")
+    run_ranks(WORKER, layout["world"], [str(tmp_path / "out.pt"), *map(str, configs.values())], timeout_s=300)
+    results = {run: result for run, result in zip(configs, torch.load(tmp_path / "out.pt").values())}
     thinker_config = Qwen3OmniMoeConfig.from_pretrained(checkpoint).thinker_config
-    failures, worst = [], 0.0
-    for step, (plan, record) in enumerate(zip(layout["steps"], result["steps"]), start=1):
+
+    planned = results["planned"]
+    assert len(planned["steps"]) == len(layout["steps"]), "VeOmni's trainer did not run the planned steps"
+    for step, (plan, record) in enumerate(zip(layout["steps"], planned["steps"]), start=1):
         for rank, (kinds, batches) in enumerate(zip(plan, record["micro_batches"])):
             got = [[modalities(s) for s in unpack_veomni_micro_batch(mb, thinker_config)] for mb in batches]
             assert got == [[MODALITIES[k]] for k in kinds], f"step {step} rank {rank}: micro batches hold {got}, planned {kinds}"
-        for rank, calls in enumerate(record["encoder_calls"]):
-            assert calls == {"visual": len(plan[rank]), "audio_tower": len(plan[rank])}, (
-                f"step {step} rank {rank}: encoder forwards {calls}; every rank must run each encoder once per micro batch"
-            )
+    if "packed" in results:
+        for rank, batches in enumerate(results["packed"]["steps"][0]["micro_batches"]):
+            packed = [[modalities(s) for s in unpack_veomni_micro_batch(mb, thinker_config)] for mb in batches]
+            assert all(len(samples) > 1 for samples in packed), f"packed run, rank {rank}: micro batches hold {packed}"
 
-        ref_loss, ref_grads = reference_step(thinker_config, record)
-        got_grads = record["grads"]
-        # A modality absent from the whole global batch has no reference gradient: ours must be exactly zero.
-        ref_grads = {n: (g if g is not None else torch.zeros_like(got_grads[n])) for n, g in ref_grads.items() if g is not None or n in got_grads}
-        if abs(record["loss"] - ref_loss.item()) > PARITY_RTOL * abs(ref_loss.item()):
-            failures.append(f"step {step}: loss {record['loss']} vs reference {ref_loss.item()}")
-        ref_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in ref_grads.values()])).item()
-        if abs(record["grad_norm"] - ref_norm) > PARITY_RTOL * ref_norm:
-            failures.append(f"step {step}: grad norm {record['grad_norm']} vs reference {ref_norm}")
-        failures += [f"step {step}: {e}" for e in parity_errors(got_grads, ref_grads)]
-        worst = max(worst, max_relative_difference(got_grads, ref_grads))
-    print(f"VeOmni trainer, {name}: {len(result['steps'])} step(s), largest relative gradient difference {worst:.2e}")
+    failures, worst = [], {}
+    for run, result in results.items():
+        check_run(result, layout, thinker_weights, run)
+        for step, record in enumerate(result["steps"], start=1):
+            errors, worst[f"{run} step {step}"] = step_differences(thinker_config, record, f"{run} step {step}")
+            failures += errors
+    print(f"VeOmni trainer, {name}: largest relative gradient difference " + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
     assert not failures, "\n".join(failures[:20])

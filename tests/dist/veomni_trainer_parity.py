@@ -8,7 +8,8 @@ micro batches and ranks, divided by the FSDP size VeOmni's `mean_global_loss` mu
 grad norm VeOmni reports, how often each rank ran each encoder, plus the layout (world, EP size,
 whether the model checkpoints gradients, experts held per rank).
 
-argv: out.pt config.yaml   (the config as `tasks/train_vlm.py` takes it)
+argv: out.pt config.yaml [config.yaml ...]   (each a run of its own, one after another in this process
+group; a config as `tasks/train_vlm.py` takes it). Saved: {config file: {layout, steps}}.
 """
 
 import sys
@@ -38,7 +39,7 @@ class StepRecorder(Callback):
             encoder.register_forward_hook(lambda *_, name=name: self.encoder_calls.update({name: self.encoder_calls[name] + 1}))
         self._wrap_optimizer_step()
 
-    def _gather_to_rank0(self, obj):
+    def _all_gather(self, obj):
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, obj)
         return everyone
@@ -48,7 +49,7 @@ class StepRecorder(Callback):
         self.encoder_calls = {"visual": 0, "audio_tower": 0}
         self.steps.append({
             "weights": gather_full_tensors(self.trainer.model),
-            "micro_batches": self._gather_to_rank0(batches),
+            "micro_batches": self._all_gather(batches),
         })
 
     def _wrap_optimizer_step(self):
@@ -62,14 +63,15 @@ class StepRecorder(Callback):
         optimizer.step = recording_step
 
     def on_step_end(self, state, loss=None, grad_norm=None, **kwargs):
-        shares = self._gather_to_rank0(loss)
+        shares = self._all_gather(loss)
         self.steps[-1]["loss"] = sum(shares) / self.parallel_state.fsdp_size
         self.steps[-1]["grad_norm"] = grad_norm
-        self.steps[-1]["encoder_calls"] = self._gather_to_rank0(self.encoder_calls)
+        self.steps[-1]["encoder_calls"] = self._all_gather(self.encoder_calls)
 
 
-def main():
-    out_file = sys.argv.pop(1)
+def run(config_file: str) -> dict:
+    """One VeOmni training run, as `tasks/train_vlm.py` starts it, recorded; the result on rank 0."""
+    sys.argv[1:] = [config_file]
     args = parse_args(VeOmniVLMArguments)
     trainer = VLMTrainer(args)
     recorder = StepRecorder(trainer.base)
@@ -80,13 +82,19 @@ def main():
         "world": dist.get_world_size(), "ep": state.ep_size if state.ep_enabled else 1,
         "gradient_checkpointing": model.is_gradient_checkpointing,
         # experts each rank holds per MoE layer (the plan shards them over EP)
-        "local_experts": recorder._gather_to_rank0(
+        "local_experts": recorder._all_gather(
             sorted({m.gate_up_proj.shape[0] for m in model.modules() if isinstance(m, Qwen3OmniMoeThinkerTextExperts)})
         ),
     }
-    trainer.train()  # ends with VeOmni tearing the process group down
-    if args.train.global_rank == 0:
-        torch.save({"layout": layout, "steps": recorder.steps}, out_file)
+    trainer.train()  # ends with VeOmni tearing the process group down; the next run sets it up again
+    return {"layout": layout, "steps": recorder.steps} if args.train.global_rank == 0 else None
+
+
+def main():
+    out_file, *config_files = sys.argv[1:]
+    results = {config_file: run(config_file) for config_file in config_files}
+    if results[config_files[0]] is not None:
+        torch.save(results, out_file)
 
 
 if __name__ == "__main__":
