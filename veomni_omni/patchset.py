@@ -6,7 +6,7 @@ from veomni.arguments import parser as veomni_parser
 
 from . import config_keys
 from .checkpoint import veomni_io
-from .models import init, moe, sequence_parallel, thinker
+from .models import init, moe, sequence_parallel, thinker, veomni_hooks
 from .parallel import plan
 from .models import packed_attention
 from .patching import Patch
@@ -83,6 +83,60 @@ PATCHES = (
         fingerprint=None,
         why="HF's top-level model has generate but no forward; training runs the thinker",
         test="tests/test_registry.py::test_top_level_forward_is_thinker",
+    ),
+    Patch(
+        name="omni_position_id_func",
+        owner=hf.Qwen3OmniMoeForConditionalGeneration,
+        attr="get_position_id_func",
+        replacement=veomni_hooks.get_position_id_func,
+        fingerprint=None,
+        why="VeOmni's VLMTrainer hands the model's M-RoPE position function to the data transform",
+        test="tests/test_veomni_trainer.py",
+    ),
+    Patch(
+        name="thinker_position_id_func",
+        owner=hf.Qwen3OmniMoeThinkerForConditionalGeneration,
+        attr="get_position_id_func",
+        replacement=veomni_hooks.get_position_id_func,
+        fingerprint=None,
+        why="the same for a thinker-only checkpoint",
+        test="tests/test_veomni_trainer.py",
+    ),
+    Patch(
+        name="omni_extra_collate_infos",
+        owner=hf.Qwen3OmniMoeForConditionalGeneration,
+        attr="get_extra_collate_infos",
+        replacement=veomni_hooks.get_extra_collate_infos,
+        fingerprint=None,
+        why="VeOmni's packing collator concatenates the flat audio features by these rules",
+        test="tests/test_veomni_trainer.py",
+    ),
+    Patch(
+        name="thinker_extra_collate_infos",
+        owner=hf.Qwen3OmniMoeThinkerForConditionalGeneration,
+        attr="get_extra_collate_infos",
+        replacement=veomni_hooks.get_extra_collate_infos,
+        fingerprint=None,
+        why="the same for a thinker-only checkpoint",
+        test="tests/test_veomni_trainer.py",
+    ),
+    Patch(
+        name="thinker_visual",
+        owner=hf.Qwen3OmniMoeThinkerForConditionalGeneration,
+        attr="visual",
+        replacement=veomni_hooks.thinker_visual,
+        fingerprint=None,
+        why="VLMTrainer freezes `thinker.visual` (5.9 layout); 5.22 keeps it at `thinker.model.visual`",
+        test="tests/test_veomni_trainer.py",
+    ),
+    Patch(
+        name="thinker_audio_tower",
+        owner=hf.Qwen3OmniMoeThinkerForConditionalGeneration,
+        attr="audio_tower",
+        replacement=veomni_hooks.thinker_audio_tower,
+        fingerprint=None,
+        why="VLMTrainer freezes `thinker.audio_tower` (5.9 layout); 5.22 keeps it at `thinker.model.audio_tower`",
+        test="tests/test_veomni_trainer.py",
     ),
     Patch(
         name="thinker_experts_forward",
