@@ -1,37 +1,19 @@
-"""The training job's data path: samples on disk → encoded samples → packed micro-batches → this
-rank's model inputs.
+"""The main job's data sets and its scoring: the synthetic set written as JSONL (HF chat `messages`,
+media as PNG / WAV / Matroska files) for VeOmni's dataset builders, and held-out accuracy per modality.
 
-- Data sets: the synthetic set (`veomni_omni.data.synthetic`) is written once as JSONL plus media
-  files (PNG / WAV / Matroska) into `<output_dir>/data` (all ranks generate, rank 0 writes the
-  lists), optionally with some train media files corrupted or deleted; any JSONL of chat samples
-  in the same format works too.
-- Encoding: `SampleEncoder` (HF processor, the recipe's token cap and overflow policy). A sample
-  with unreadable media or over the cap is skipped with a warning and counted.
-- Order: every epoch is a seeded permutation of the train set; data-parallel group g takes every
-  dp-th sample of it, so DP groups see different samples. The ranks of one SP group share the
-  encoding work (each encodes every sp-th sample of a chunk, then they exchange results), so they
-  hold the same samples and build the same packed sequence.
-- Packing: samples are packed greedily up to `pack_tokens` per micro-batch.
-  SP > 1: one packed row (`pack_rows`), sliced for this rank (`shard_for_sequence_parallel`);
-  SP = 1: the same samples as a right-padded batch with attention mask and M-RoPE positions.
+The synthetic set is written once into `<output_dir>/data` (all ranks generate, rank 0 writes the lists;
+reused when a previous run wrote it with the same settings), optionally with some train media files
+corrupted or deleted: the data transform skips and counts those samples, the job goes on.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
 
-import numpy as np
-import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .data import synthetic
-from .data.checks import micro_batch_problems
-from .data.samples import SampleEncoder
-from .data.sequence_parallel import IGNORE_INDEX, pack_rows, shard_for_sequence_parallel
 
 MODALITIES = ("image", "audio", "video", "text")
 # Synthetic task → the modality whose input carries the answer (av_pitch: the video's soundtrack).
@@ -44,14 +26,12 @@ TASK_MODALITY = {
 
 
 # ------------------------------------------------------------------------------------ data sets
-def _write_synthetic(cfg, data_dir: Path, rank: int = 0, world: int = 1) -> None:
-    """Generate the synthetic set into `data_dir`. With several ranks each generates every world-th
-    sample (media files included) and rank 0 assembles, corrupts and writes the sample lists."""
-    media = cfg.media == "files"
+def _write_synthetic(cfg, paths: dict, rank: int = 0, world: int = 1) -> None:
+    """Generate the synthetic set, media files beside `paths["train"]`. With several ranks each generates
+    every world-th sample (media files included) and rank 0 assembles, corrupts and writes the lists."""
     tasks = tuple(cfg.tasks) or synthetic.TASKS
-    media_dir = data_dir / "media" if media else None
-    if media_dir is not None:
-        media_dir.mkdir(parents=True, exist_ok=True)
+    media_dir = paths["train"].parent / "media"
+    media_dir.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", cfg.train_samples), ("eval", cfg.eval_samples)):
         mine = [synthetic.generate_sample(i, tasks[i % len(tasks)], cfg.seed, split, media_dir) for i in range(rank, n, world)]
         parts = [mine]
@@ -62,11 +42,8 @@ def _write_synthetic(cfg, data_dir: Path, rank: int = 0, world: int = 1) -> None
             continue
         samples = [parts[i % world][i // world] for i in range(n)]
         if split == "train" and cfg.corrupt_train_samples:
-            _corrupt(samples, cfg.corrupt_train_samples, media)
-        if media:
-            synthetic.write_jsonl(samples, data_dir / f"{split}.jsonl")
-        else:
-            torch.save(samples, data_dir / f"{split}.pt")
+            _corrupt(samples, cfg.corrupt_train_samples)
+        synthetic.write_jsonl(samples, paths[split])
 
 
 def _media_paths(sample) -> list[str]:
@@ -74,42 +51,29 @@ def _media_paths(sample) -> list[str]:
             for k in ("image", "audio", "video") if isinstance(part.get(k), str)]
 
 
-def _corrupt(samples: list, count: int, media: bool) -> None:
-    """Damage the media of `count` train samples (every k-th sample with media): alternately
-    overwrite the file with junk bytes and delete it; in-memory media get an empty array."""
-    candidates = [s for s in samples if _media_paths(s) or not media and any(
-        k in part for m in s["messages"] if not isinstance(m["content"], str) for part in m["content"] for k in ("image", "audio", "video"))]
+def _corrupt(samples: list, count: int) -> None:
+    """Damage the media of `count` train samples (every k-th sample with media): alternately overwrite
+    the file with junk bytes and delete it."""
+    candidates = [s for s in samples if _media_paths(s)]
     if not candidates:
         return
     step = max(1, len(candidates) // count)
     for i, sample in enumerate(candidates[::step][:count]):
-        if media:
-            path = Path(_media_paths(sample)[0])
-            if i % 2 == 0:
-                path.write_bytes(b"this is not a media file" * 4)
-            else:
-                path.unlink()
+        path = Path(_media_paths(sample)[0])
+        if i % 2 == 0:
+            path.write_bytes(b"this is not a media file" * 4)
         else:
-            for m in sample["messages"]:
-                for part in [] if isinstance(m["content"], str) else m["content"]:
-                    for k in ("image", "audio", "video"):
-                        if k in part:
-                            part[k] = np.zeros((0,), dtype=np.uint8)
+            path.unlink()
         sample["corrupted"] = True
 
 
-def prepare_datasets(recipe, output_dir: Path, rank: int = 0, world: int = 1) -> tuple[list, list]:
-    """(train, eval) sample lists, the same on every rank. The synthetic set is generated by all
-    ranks together (reused when a previous run wrote it with the same settings)."""
-    data = recipe.data
-    if data.source == "jsonl":
-        train = synthetic.read_jsonl(data.train_path)
-        evals = synthetic.read_jsonl(data.eval_path) if data.eval_path else []
-        return train, evals
-    cfg = data.synthetic
-    data_dir = output_dir / "data"
-    stamp = json.dumps({"seed": cfg.seed, "train": cfg.train_samples, "eval": cfg.eval_samples, "tasks": list(cfg.tasks),
-                        "corrupt": cfg.corrupt_train_samples, "media": cfg.media, "version": 2}, sort_keys=True)
+def prepare_synthetic_set(cfg, train_path: Path, eval_path: Path) -> None:
+    """Write the synthetic set described by `cfg` (`train.SyntheticData`) as `train_path` / `eval_path`
+    (media beside them), by all ranks of the process group together, unless a previous run wrote it."""
+    data_dir = train_path.parent
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    stamp = json.dumps({"train_path": str(train_path), "eval_path": str(eval_path), "seed": cfg.seed, "train": cfg.train_samples, "eval": cfg.eval_samples, "tasks": list(cfg.tasks),
+                        "corrupt": cfg.corrupt_train_samples, "version": 3}, sort_keys=True)
     manifest = data_dir / "manifest.json"
     fresh = [manifest.exists() and manifest.read_text() == stamp]
     if world > 1:
@@ -117,14 +81,11 @@ def prepare_datasets(recipe, output_dir: Path, rank: int = 0, world: int = 1) ->
     if not fresh[0]:
         if rank == 0 and manifest.exists():
             manifest.unlink()
-        _write_synthetic(cfg, data_dir, rank, world)
+        _write_synthetic(cfg, {"train": train_path, "eval": eval_path}, rank, world)
         if rank == 0:
             manifest.write_text(stamp)
     if world > 1:
         dist.barrier()
-    if cfg.media == "files":
-        return synthetic.read_jsonl(data_dir / "train.jsonl"), synthetic.read_jsonl(data_dir / "eval.jsonl")
-    return torch.load(data_dir / "train.pt", weights_only=False), torch.load(data_dir / "eval.pt", weights_only=False)
 
 
 def sample_modality(sample: dict) -> str:
@@ -134,12 +95,15 @@ def sample_modality(sample: dict) -> str:
         return sample["modality"]
     if sample.get("task") in TASK_MODALITY:
         return TASK_MODALITY[sample["task"]]
-    for message in sample.get("messages", []):
+    for kind in ("image", "video", "audio"):  # VeOmni's conversations format lists media per kind
+        if sample.get(f"{kind}s"):
+            return kind
+    for message in sample.get("messages") or []:
         if isinstance(message["content"], str):
             continue
         for part in message["content"]:
             for kind in ("image", "video", "audio"):
-                if part.get("type") == kind or kind in part:
+                if part.get("type") == kind or part.get(kind) is not None:
                     return kind
     return "text"
 
@@ -156,145 +120,14 @@ def chance_level(samples: list[dict]) -> float:
     return max((1.0 / len(c) for c in classes.values() if c), default=float("nan"))
 
 
-# ------------------------------------------------------------------------------------- batches
-def collate_padded(samples: list[dict], pad_id: int = 0) -> dict:
-    """Encoded samples → a right-padded batch in the thinker's input layout (DESIGN.md section 5):
-    (B, S) ids/mask/labels, (3, B, S) positions, pixel rows and grids in row order, one audio row
-    per clip trimmed to the longest clip."""
-    length = max(len(s["input_ids"]) for s in samples)
-
-    def pad(t, value):
-        return F.pad(t, (0, length - t.shape[-1]), value=value)
-
-    batch = {
-        "input_ids": torch.stack([pad(s["input_ids"], pad_id) for s in samples]),
-        "attention_mask": torch.stack([pad(s["attention_mask"], 0) for s in samples]),
-        "labels": torch.stack([pad(s["labels"], IGNORE_INDEX) for s in samples]),
-        "position_ids": torch.stack([pad(s["position_ids"], 1) for s in samples], dim=1),
-    }
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "video_second_per_grid"):
-        parts = [s[key] for s in samples if key in s]
-        if parts:
-            batch[key] = torch.cat(parts)
-    clips = [(f, m) for s in samples if "input_features" in s for f, m in zip(s["input_features"], s["feature_attention_mask"])]
-    if clips:
-        frames = max(int(m.sum()) for _, m in clips)
-        batch["input_features"] = torch.stack([F.pad(f[:, :frames], (0, max(0, frames - f.shape[-1]))) for f, _ in clips])
-        batch["feature_attention_mask"] = torch.stack([F.pad(m[:frames], (0, max(0, frames - m.shape[-1]))) for _, m in clips])
-    return batch
-
-
-def modality_tokens(samples: list[dict], config) -> dict[str, int]:
-    """Tokens of each modality in these samples: placeholders per medium, the rest text."""
-    ids = torch.cat([s["input_ids"] for s in samples])
-    counts = {m: int((ids == getattr(config, f"{m}_token_id")).sum()) for m in ("image", "video", "audio")}
-    counts["text"] = int(ids.numel()) - sum(counts.values())
-    return counts
-
-
-@dataclass
-class MicroBatch:
-    inputs: dict  # this rank's model inputs
-    samples: list  # (sample index, encoded sample) packed into it, in order
-    tokens: dict  # tokens per modality of the whole pack (the DP group's, not this rank's slice)
-    skipped: int  # samples skipped while filling it (this DP group)
-    offsets: list = field(default_factory=list)  # start of each sample in the packed row (SP) / its row (SP = 1)
-    problems: list = field(default_factory=list)  # bad input found on the host (no inputs then); see train.py
-
-
-def model_inputs(samples: list[dict], config, sp_size: int, sp_rank: int) -> dict:
-    batch = collate_padded(samples)
-    if sp_size == 1:
-        return batch
-    return shard_for_sequence_parallel(pack_rows(batch), config, sp_size, sp_rank)
-
-
-class Pipeline:
-    """Encoded, packed micro-batches for this rank (see the module docstring)."""
-
-    def __init__(self, samples: list, encoder: SampleEncoder, config, *, dp_size: int, dp_rank: int, sp_size: int,
-                 sp_rank: int, sp_group, pack_tokens: int, seed: int, cache: Optional[dict], shuffle: bool = True, epochs: Optional[int] = None):
-        self.samples, self.encoder, self.config = samples, encoder, config
-        self.dp_size, self.dp_rank, self.sp_size, self.sp_rank, self.sp_group = dp_size, dp_rank, sp_size, sp_rank, sp_group
-        self.pack_tokens, self.seed, self.shuffle, self.epochs = pack_tokens, seed, shuffle, epochs
-        self.cache = cache  # index -> encoded sample (None: skipped), kept across epochs; None: encode every time
-        self.skipped_ids: set[int] = set()
-        self.skipped_total = 0
-        self.epoch = 0
-        self._order = self._indices()
-        self._buffer: list[tuple[int, dict]] = []
-        self._exhausted = False
-
-    # -- sample order
-    def _indices(self) -> Iterator[int]:
-        epoch = 0
-        while self.epochs is None or epoch < self.epochs:
-            self.epoch = epoch
-            n = len(self.samples)
-            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            yield from order[self.dp_rank :: self.dp_size].tolist()
-            epoch += 1
-
-    # -- encoding, shared by the SP group
-    def _encode_chunk(self, indices: list[int]) -> list[tuple[int, Optional[dict]]]:
-        todo = [i for i in indices if self.cache is None or i not in self.cache]
-        mine = {i: self.encoder(self.samples[i]) for j, i in enumerate(todo) if j % self.sp_size == self.sp_rank}
-        if self.sp_size > 1 and todo:
-            gathered = [None] * self.sp_size
-            dist.all_gather_object(gathered, mine, group=self.sp_group)
-            for part in gathered:
-                mine.update(part)
-        if self.cache is not None:
-            self.cache.update(mine)
-            return [(i, self.cache[i]) for i in indices]
-        return [(i, mine[i]) for i in indices]
-
-    def _fill(self, chunk: int) -> int:
-        indices = []
-        for i in self._order:
-            indices.append(i)
-            if len(indices) == chunk:
-                break
-        if not indices:
-            self._exhausted = True
-            return 0
-        skipped = 0
-        for i, encoded in self._encode_chunk(indices):
-            if encoded is None:
-                skipped += 1
-                self.skipped_ids.add(i)
-            else:
-                self._buffer.append((i, encoded))
-        self.skipped_total += skipped
-        return skipped
-
-    def next_micro_batch(self) -> Optional[MicroBatch]:
-        """The next packed micro-batch, or None when a finite pass (epochs=...) is exhausted."""
-        skipped = 0
-        packed, used = [], 0
-        while True:
-            if not self._buffer:
-                if self._exhausted:
-                    break
-                skipped += self._fill(max(8, 2 * self.sp_size))
-                continue
-            _, sample = self._buffer[0]
-            n = len(sample["input_ids"])
-            if packed and used + n > self.pack_tokens:
-                break
-            packed.append(self._buffer.pop(0))
-            used += n
-        if not packed:
-            return None
-        encoded = [s for _, s in packed]
-        offsets = np.cumsum([0] + [len(s["input_ids"]) for s in encoded[:-1]]).tolist()
-        # Checked here, raised in train.py once every rank has checked its own (no rank raises alone).
-        problems = micro_batch_problems(encoded, self.config, [self.samples[i].get("id", i) for i, _ in packed])
-        return MicroBatch(
-            inputs={} if problems else model_inputs(encoded, self.config, self.sp_size, self.sp_rank),
-            samples=packed,
-            tokens=modality_tokens(encoded, self.config),
-            skipped=skipped,
-            offsets=offsets,
-            problems=problems,
-        )
+def accuracy_by_modality(samples, wrong, seen) -> tuple[dict, dict]:
+    """(accuracy, number of scored samples) per modality; a sample is right when no answer token was wrong."""
+    right = {m: 0 for m in MODALITIES}
+    total = {m: 0 for m in MODALITIES}
+    for i, sample in enumerate(samples):
+        if seen[i] == 0:  # skipped (unreadable media) or nothing to score
+            continue
+        m = sample_modality(sample)
+        total[m] += 1
+        right[m] += int(wrong[i] == 0)
+    return {m: (round(right[m] / total[m], 4) if total[m] else None) for m in MODALITIES}, total

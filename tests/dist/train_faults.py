@@ -1,41 +1,35 @@
 """torchrun worker: the main job (`veomni_omni.train.main`) with one fault injected on one rank.
 
-argv: FAULT RANK STEP recipe.yaml [key=value ...]
-  raise  the rank raises when it fetches its batch for STEP
-  hang   the rank sleeps (as if stuck) when it fetches its batch for STEP
-  nan    the rank's batch for STEP gets NaN position ids, so its loss is NaN; the rank prints
-         "injected nan: <sample ids>" first
+argv: FAULT RANK STEP recipe.yaml [--key value ...]
+  raise  the rank raises when its step STEP begins
+  hang   the rank sleeps (as if stuck) when its step STEP begins
+  nan    the rank's forward at step STEP produces NaN hidden states, so its loss is NaN; it prints
+         "injected nan on rank R" first
 """
 
 import os
 import sys
 import time
 
-import torch
-
-from veomni_omni import train, train_data
+from veomni_omni import train
 
 
 def inject(fault: str, step: int) -> None:
-    fetch = train_data.Pipeline.next_micro_batch
-    calls = {"train": 0}
+    begin = train.OmniTrainer.on_step_begin
 
-    def faulty(self):
-        batch = fetch(self)
-        if self.epochs is not None:  # the evaluation pass, not training
-            return batch
-        calls["train"] += 1
-        if calls["train"] == step:
+    def faulty(self, micro_batches=None):
+        if self.base.state.global_step == step:
             if fault == "raise":
                 raise RuntimeError(f"injected fault on rank {os.environ['RANK']} at step {step}")
             if fault == "hang":
                 time.sleep(3600)
-            ids = [self.samples[i]["id"] for i, _ in batch.samples]
-            print(f"injected nan: {', '.join(ids)}", flush=True)
-            batch.inputs["position_ids"] = torch.full_like(batch.inputs["position_ids"], float("nan"))
-        return batch
+            print(f"injected nan on rank {os.environ['RANK']}", flush=True)
+            norm = self.base.model.thinker.model.language_model.norm
+            # NaN through the graph (as a real overflow would be), so backward still runs every layer's collectives
+            handle = norm.register_forward_hook(lambda module, args, output: (handle.remove(), output * float("nan"))[1])
+        return begin(self, micro_batches=micro_batches)
 
-    train_data.Pipeline.next_micro_batch = faulty
+    train.OmniTrainer.on_step_begin = faulty
 
 
 if __name__ == "__main__":
@@ -44,4 +38,5 @@ if __name__ == "__main__":
         raise SystemExit(f"unknown fault {fault!r}")
     if int(os.environ["RANK"]) == rank:
         inject(fault, step)
-    raise SystemExit(train.main(sys.argv[4:]))
+    sys.argv = [sys.argv[0], *sys.argv[4:]]
+    raise SystemExit(train.main())

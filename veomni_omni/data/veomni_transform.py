@@ -39,7 +39,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .media import SAMPLING_RATE, MediaError, load_audio, load_image, load_video
+from .media import MAX_ASPECT_RATIO, SAMPLING_RATE, MediaError, load_audio, load_image, load_video
 from .samples import SampleTooLong, _kind, _part_source, encode_sample
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,11 @@ class MediaSettings:
             raise ValueError(
                 f"data.mm_configs.sample_rate={settings.sample_rate}: Qwen3-Omni's audio encoder takes {SAMPLING_RATE} Hz "
                 "features; audio is resampled to it, set it to 16000 or remove it"
+            )
+        if settings.max_ratio is not None and settings.max_ratio > MAX_ASPECT_RATIO:
+            raise ValueError(
+                f"data.mm_configs.max_ratio={settings.max_ratio}: images beyond {MAX_ASPECT_RATIO}:1 are refused anyway "
+                "(the Qwen processors cannot resize them); give a value up to that or remove it"
             )
         if settings.overflow not in ("drop", "truncate"):
             raise ValueError(f"data.mm_configs.overflow must be 'drop' or 'truncate', got {settings.overflow!r}")
