@@ -29,13 +29,14 @@ from veomni_omni.data.veomni_transform import transform_sample
 from veomni_omni.models.packed_attention import varlen_sdpa_attention
 from veomni_omni.testing import PARITY_RTOL, max_relative_difference, parity_errors, tiny_thinker_config
 
-# (task, synthetic sample index). Audio clips of whole 1 s chunks (100 mel frames, n_window 50): HF's audio
-# tower pads every chunk of a call to the longest one, and its padded stride-2 convolutions carry that
-# padding into the last output frame of a shorter chunk, so a clip whose last chunk is short encodes a
-# little differently next to a longer clip (6e-5 relative on its last audio token here). That is the
-# audio tower's batching, not attention, and is left to it.
-SAMPLES = (("image_shape", 0), ("audio_pitch", 10), ("video_motion", 2), ("text_arith", 3), ("av_pitch", 4))
-TASKS = tuple(task for task, _ in SAMPLES)
+# (task, synthetic sample index). audio_pitch 1 is a 0.5 s tone (50 mel frames, under one 100-frame chunk)
+# packed after a 1 s one: HF's audio tower pads every chunk of a call to the longest and its stride-2
+# convolutions carried that padding into the short clip's last audio token; patch audio_encoder_forward
+# pads each clip as if alone (tests/test_audio_tower.py).
+SAMPLES = (
+    ("image_shape", 0), ("audio_pitch", 10), ("audio_pitch", 1), ("video_motion", 2), ("text_arith", 3), ("av_pitch", 4),
+)
+TASKS = tuple(f"{task}[{index}]" for task, index in SAMPLES)
 
 
 @pytest.fixture(scope="module")

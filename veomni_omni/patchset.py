@@ -9,6 +9,7 @@ from .checkpoint import veomni_io
 from .models import init, moe, sequence_parallel, thinker, veomni_hooks
 from .parallel import plan
 from .models import packed_attention
+from .models import audio_tower
 from .patching import Patch
 
 PATCHES = (
@@ -220,5 +221,16 @@ PATCHES = (
         fingerprint="c821088c5933931a",
         why="VeOmni's HF export consolidates DCP on torch 2.9-2.11 only and writes 5.22's fused names; ours keeps its DCP save of the step and writes the released layout from the live model (other models: VeOmni's)",
         test="tests/test_checkpoint_veomni.py",
+    ),
+    Patch(
+        name="audio_encoder_forward",
+        owner=hf.Qwen3OmniMoeAudioEncoder,
+        attr="forward",
+        replacement=audio_tower.audio_encoder_forward,
+        fingerprint="1605548595ae4fba",
+        why="HF pads every chunk of a call to the longest one and its padded stride-2 convs carry that padding into a shorter "
+        "chunk's last frames: a clip shorter than one chunk encoded differently next to others (packed micro batches). "
+        "Each chunk is zero-padded at the width HF gives it when its clip is encoded alone",
+        test="tests/test_audio_tower.py",
     ),
 )

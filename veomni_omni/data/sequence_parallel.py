@@ -34,6 +34,7 @@ from transformers.vision_utils import (
     get_vision_position_ids,
 )
 
+from ..models.audio_tower import REFERENCE_WIDTHS_KWARG, chunk_reference_widths
 from .checks import BadInputError, input_problems
 
 IGNORE_INDEX = -100
@@ -166,7 +167,7 @@ def _audio_shard(packed, config, audio_mask, begin, end) -> dict:
         return {}
 
     features, lengths = packed["input_features"], packed["feature_attention_mask"].sum(-1).tolist()
-    windows, select, token_start, out_rows = [], [], 0, 0
+    windows, window_clip_frames, select, token_start, out_rows = [], [], [], 0, 0
     for clip, frames in enumerate(lengths):
         for frame_start in range(0, frames, frames_per_window):
             n_frames = min(frames_per_window, frames - frame_start)
@@ -174,6 +175,7 @@ def _audio_shard(packed, config, audio_mask, begin, end) -> dict:
             lo, hi = max(first, token_start), min(last, token_start + n_tokens)
             if lo < hi:  # this window holds tokens of the slice: encode it here
                 windows.append(features[clip, :, frame_start : frame_start + n_frames])
+                window_clip_frames.append(frames)
                 select.extend(range(out_rows + lo - token_start, out_rows + hi - token_start))
                 out_rows += n_tokens
             token_start += n_tokens
@@ -188,6 +190,8 @@ def _audio_shard(packed, config, audio_mask, begin, end) -> dict:
             "padded_feature": padded_feature,
             "chunk_lengths": chunk_lengths,
             "valid_indices": get_valid_indices(chunk_lengths, audio.n_window),
+            # a window's chunks keep the conv padding of its whole clip (veomni_omni.models.audio_tower)
+            REFERENCE_WIDTHS_KWARG: chunk_reference_widths(feature_lens, audio.n_window, torch.tensor(window_clip_frames)),
             "cu_seqlens": cu_seqlens,
             "max_seqlen": int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
         },
