@@ -1,15 +1,14 @@
-"""The whole patch set, on one screen. Each entry: target, fingerprint of the HF source it
-replaces (None: an addition), why, and the test that proves it. Diffs: patches/<name>.diff."""
+"""The whole patch set, on one screen. Each entry: target (a transformers or VeOmni attribute),
+fingerprint of the source it replaces (None: an addition), why, and the test that proves it.
+Diffs: patches/<name>.diff."""
 
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 from veomni.arguments import parser as veomni_parser
 
 from . import config_keys
-from .checkpoint import veomni_io
-from .models import init, moe, sequence_parallel, thinker, veomni_hooks
+from .checkpoint import veomni_io, veomni_resume
+from .models import audio_tower, init, moe, packed_attention, sequence_parallel, thinker, veomni_hooks
 from .parallel import plan
-from .models import packed_attention
-from .models import audio_tower
 from .patching import Patch
 
 PATCHES = (
@@ -185,17 +184,6 @@ PATCHES = (
         test="tests/test_config_keys.py",
     ),
     Patch(
-        name="packed_attention",
-        owner=packed_attention.AttentionInterface,
-        attr="get_interface",
-        replacement=packed_attention.get_interface,
-        fingerprint="5c12a08a6f62f3b6",
-        why="VeOmni packs a micro batch into one row (all-ones mask + flash-attn's cu_seq_lens_*), which sdpa and eager ignore: "
-        "packed samples attended to each other. Where attention implementations are resolved, 'sdpa' becomes per-segment "
-        "causal sdpa when a row holds several samples (HF's own otherwise) and 'eager' refuses such a row",
-        test="tests/test_packing.py",
-    ),
-    Patch(
         name="omni_checkpoint_converter",
         owner=hf.Qwen3OmniMoeForConditionalGeneration,
         attr="_create_checkpoint_tensor_converter",
@@ -221,6 +209,47 @@ PATCHES = (
         fingerprint="c821088c5933931a",
         why="VeOmni's HF export consolidates DCP on torch 2.9-2.11 only and writes 5.22's fused names; ours keeps its DCP save of the step and writes the released layout from the live model (other models: VeOmni's)",
         test="tests/test_checkpoint_veomni.py",
+    ),
+    Patch(
+        name="packed_attention",
+        owner=packed_attention.AttentionInterface,
+        attr="get_interface",
+        replacement=packed_attention.get_interface,
+        fingerprint="5c12a08a6f62f3b6",
+        why="VeOmni packs a micro batch into one row (all-ones mask + flash-attn's cu_seq_lens_*), which sdpa and eager ignore: "
+        "packed samples attended to each other. Where attention implementations are resolved, 'sdpa' becomes per-segment "
+        "causal sdpa when a row holds several samples (HF's own otherwise) and 'eager' refuses such a row",
+        test="tests/test_packing.py",
+    ),
+    Patch(
+        name=veomni_resume.ATOMIC_SAVE_PATCH,
+        owner=veomni_resume.dcp_checkpointer.DistributedCheckpointer,
+        attr="save",
+        replacement=classmethod(veomni_resume.atomic_dcp_save),
+        fingerprint="895f7a325ec3c679",
+        why="VeOmni's DCP save writes into global_step_N in place: re-saving a step over a complete checkpoint and killed part way, "
+        "it left the old .metadata over mixed files, which load_path=auto resumed from. Written to .global_step_N.tmp, published in one rename",
+        test="tests/test_veomni_resume.py",
+    ),
+    Patch(
+        name=veomni_resume.COMPLETE_ONLY_PATCH,
+        owner=veomni_resume.checkpoint_utils,
+        attr="_validate_dcp_checkpoint_entry",
+        replacement=veomni_resume.complete_checkpoint_step,
+        fingerprint="4f8d98f2924e531a",
+        why="load_path=auto took the newest global_step_N with a .metadata file, even with a data or extra-state file missing or "
+        "truncated (every torchrun restart then failed loading it); such a checkpoint is skipped, the previous complete one resumed",
+        test="tests/test_veomni_resume.py",
+    ),
+    Patch(
+        name=veomni_resume.DATA_POSITION_PATCH,
+        owner=veomni_resume.DynamicBatchSizeDataLoader,
+        attr="state_dict",
+        replacement=veomni_resume.dynamic_batching_state_dict,
+        fingerprint="603cf6e8fd1d7ebf",
+        why="VeOmni's dynamic-batching loader saved one batch fewer than it had handed out (its counter moves on the next request): "
+        "a resume built its first batch with the previous step's token budget and ended the epoch a batch late",
+        test="tests/test_veomni_resume.py",
     ),
     Patch(
         name="audio_encoder_forward",
