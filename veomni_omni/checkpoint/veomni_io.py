@@ -6,9 +6,10 @@ checkpoint-tensor converter (`veomni.models.checkpoint_tensor_loading`). `Releas
 is that converter for the patched Qwen3-Omni classes: it maps each released key onto the model's
 parameters with `layout.model_layout` (transformers' own conversion rules), passes whole
 parameters straight through and fills fused expert parameters piece by piece, emitting each as
-soon as its last piece arrives. Keys of components the model lacks (talker and code2wav after
+soon as its last piece arrives; a checkpoint under the model's own parameter names (a state_dict,
+`save_pretrained(save_original_format=False)`) passes through whole. Keys of components the model lacks (talker and code2wav after
 `disable_talker()`, or under a thinker trained alone) are consumed and dropped. `finalize` raises
-`CheckpointError` listing missing, unexpected, duplicate and mis-shaped keys, so VeOmni never
+`CheckpointError` listing missing (of either layout), unexpected, duplicate and mis-shaped keys, so VeOmni never
 reaches its "missing key(s) ... initialize them" fallback (`post_process_after_weight_loading`)
 for these models.
 
@@ -74,6 +75,7 @@ class ReleasedLayoutConverter:
         self._prefix: Optional[str] = None  # "thinker." for a thinker alone reading a top-level checkpoint
         self._filling: dict[str, tuple[torch.Tensor, int]] = {}  # fused parameter, pieces still to come
         self._seen: set[str] = set()
+        self._seen_own: set[str] = set()  # keys that are the model's own parameter names
         self._unexpected: list[str] = []
         self._duplicates: list[str] = []
         self._mismatched: list[str] = []
@@ -92,8 +94,12 @@ class ReleasedLayoutConverter:
 
     def convert(self, name: str, tensor: torch.Tensor) -> Optional[ConvertedCheckpointTensor]:
         self.bytes_consumed += tensor.numel() * tensor.element_size()
+        if name in self._params:  # the model's own name (a state_dict, save_original_format=False)
+            self._seen_own.add(name)
         key = self._model_key(name)
         if key is None:
+            if name in self._params:
+                return self._own(name, tensor)
             if name.split(".")[0] not in self._dropped:
                 self._unexpected.append(name)
             return None
@@ -116,10 +122,24 @@ class ReleasedLayoutConverter:
         self._filling.pop(piece.param, None)
         return ConvertedCheckpointTensor(piece.param, fused)
 
+    def _own(self, name: str, tensor: torch.Tensor) -> Optional[ConvertedCheckpointTensor]:
+        """A tensor under the model's own parameter name: passed through whole."""
+        shape = self._params[name][0]
+        if tuple(tensor.shape) != shape:
+            self._mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)}, model expects {shape}")
+            return None
+        return ConvertedCheckpointTensor(name, tensor)
+
     def finalize(self) -> list[ConvertedCheckpointTensor]:
-        """Raise `CheckpointError` unless every expected key arrived once, with its shape."""
+        """Raise `CheckpointError` unless every expected key of one layout (released, or the model's own
+        parameter names) arrived once, with its shape."""
         prefix = self._prefix or ""
         missing = [prefix + key for key in self._pieces if key not in self._seen]
+        own_missing = [name for name in self._params if name not in self._seen_own]
+        if missing and not own_missing:  # a checkpoint in the model's own layout, complete
+            missing = []
+        elif len(own_missing) < len(missing):  # closer to the model's own layout: list what it lacks
+            missing = own_missing
         problems = [
             _listing(title, keys)
             for title, keys in (
