@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 
 setup: $(VENV)/.installed
 
-## The main job: recipes/tiny_cpu.yaml on $(NPROC) ranks (CPU: FSDP2 x Ulysses SP 2 x EP 2); ARGS="key=value ..." overrides.
+## The main job: VeOmni's VLMTrainer on recipes/tiny_cpu.yaml, $(NPROC) ranks (CPU: FSDP2 x EP 2); ARGS="--train.max_steps 200 ..." overrides.
 train: setup
 	OMP_NUM_THREADS=1 VEOMNI_VERBOSITY=warning $(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m veomni_omni.train recipes/tiny_cpu.yaml $(ARGS)
 

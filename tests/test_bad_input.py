@@ -77,7 +77,7 @@ def test_sequence_parallel_collator_refuses_mismatch():
 
 def test_audio_shorter_than_one_stft_window_is_refused_and_the_shortest_clip_trains(tiny_thinker, patched, tmp_path):
     """Waveforms under one STFT window (n_fft = 400 samples) are refused with MediaError (the sample
-    is skipped by SampleEncoder); the shortest accepted one encodes and trains, giving HF's result."""
+    is skipped by encode_or_skip); the shortest accepted one encodes and trains, giving HF's result."""
     from veomni_omni.data.processor import build_tiny_processor, load_processor
 
     build_tiny_processor(tmp_path)

@@ -40,7 +40,6 @@ from .media import SAMPLING_RATE, MediaError, load_audio, load_image, load_video
 
 __all__ = [
     "SampleTooLong",
-    "SampleEncoder",
     "assistant_spans",
     "encode_sample",
     "encode_or_skip",
@@ -446,13 +445,3 @@ def encode_or_skip(sample: Any, processor, config, **kwargs) -> Optional[dict]:
         sample_id = sample.get("id", "?") if isinstance(sample, dict) else "?"
         logger.warning("skipping sample %s: %s: %s", sample_id, type(err).__name__, err)
         return None
-
-
-class SampleEncoder:
-    """`encode_or_skip` with fixed settings, as a picklable per-sample transform for a dataset."""
-
-    def __init__(self, processor, config, **kwargs):
-        self.processor, self.config, self.kwargs = processor, config, kwargs
-
-    def __call__(self, sample: Any) -> Optional[dict]:
-        return encode_or_skip(sample, self.processor, self.config, **self.kwargs)
