@@ -125,7 +125,7 @@ def test_two_rank_cpu_training_learns_counts_skipped_media_and_reports(trained):
     assert len(step_lines) == 14 and all("skipped" in line and "expert load" in line for line in step_lines)
     skipped = sum(int(line.split("| skipped ")[1].split(" ")[0]) for line in step_lines)
     corrupt = [json.loads(line)["id"] for line in (out / "data" / "train.jsonl").read_text().splitlines() if "corrupted" in line]
-    assert len(corrupt) == 3 and skipped >= 3, (corrupt, skipped)
+    assert len(corrupt) == 3 and skipped >= 3 and details["skipped_samples"] == skipped, (corrupt, skipped)
     assert all(f"skipping sample {sample_id}" in output for sample_id in corrupt)
 
 

@@ -193,6 +193,7 @@ class OmniTrainer(VLMTrainer):
         self.step_started = time.time()
         self.step_tokens: dict = {}
         self.skipped_before = 0
+        self.skipped_total = 0  # samples skipped for bad media or length, all ranks
         self.setup_s = time.time() - self.started
         self._guard_updates()
 
@@ -238,6 +239,7 @@ class OmniTrainer(VLMTrainer):
         loss_value = counts[0].item()  # each rank's loss is its share of the global token mean
         tokens = {m: int(v) for m, v in zip(MODALITIES, counts[1:5].tolist())}
         skipped = int(counts[5])
+        self.skipped_total += skipped
         if not self.update_finite:
             self._nonfinite(step, loss_value, grad_norm, local_finite=loss is not None and math.isfinite(loss))
         else:
@@ -252,7 +254,7 @@ class OmniTrainer(VLMTrainer):
             lr = self.base.lr_scheduler.get_last_lr()[-1]
             _say(f"step {step:4d}/{self.base.args.train_steps} | loss {loss_value:.4f} | lr {lr:.2e} | grad_norm {float(grad_norm):.3f} | "
                  f"{sum(tokens.values()) / dt:7.0f} tok/s | tokens text {tokens['text']} image {tokens['image']} video "
-                 f"{tokens['video']} audio {tokens['audio']} | skipped {skipped} | expert load max/mean {balance} | {dt:.2f}s")
+                 f"{tokens['video']} audio {tokens['audio']} | skipped {skipped} (total {self.skipped_total}) | expert load max/mean {balance} | {dt:.2f}s")
         if self.omni.eval_steps and step % self.omni.eval_steps == 0 and step != self.base.args.train_steps and self.eval_samples:
             accuracy, _ = self.evaluate()
             self.evals.append((step, accuracy))
@@ -354,12 +356,13 @@ class OmniTrainer(VLMTrainer):
                 _say(f"  {modality:6s} {'-' if value is None else f'{value:.3f}'}  n={totals.get(modality, 0):4d}  {'#' * int(round((value or 0) * 40))}")
             first, last = (self.losses[0][1], self.losses[-1][1]) if self.losses else (float("nan"),) * 2
             _say(f"train: {step} steps, {self.tokens_total} tokens, {self.tokens_total / max(train_s, 1e-9):.0f} tok/s, "
-                 f"{len(self.nonfinite_steps)} non-finite steps skipped; first loss {first:.4f}, last loss {last:.4f}")
+                 f"{self.skipped_total} samples skipped, {len(self.nonfinite_steps)} non-finite steps skipped; first loss {first:.4f}, last loss {last:.4f}")
             if self.omni.plot:
                 plot_losses(out / "loss.png", self.losses, self.evals, chance)
                 _say(f"loss curve: {out / 'loss.png'}")
             with open(out / "summary.json", "w") as f:
                 json.dump({**summary, "losses": self.losses, "evals": self.evals, "nonfinite_steps": self.nonfinite_steps,
+                           "skipped_samples": self.skipped_total,
                            "setup_s": round(self.setup_s, 1), "train_s": round(train_s, 1)}, f, indent=1)
             _say(json.dumps(summary))
         return summary
