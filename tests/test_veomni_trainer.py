@@ -177,6 +177,9 @@ def test_mm_configs_are_honoured(model, processor, media):
     plain = _transform(model, processor, fps=4.0)(sample)[0]
     fewer = _transform(model, processor, fps=4.0, max_frames=2)(sample)[0]
     assert plain["video_grid_thw"][0, 0] == 2 and fewer["video_grid_thw"][0, 0] == 1  # 4 frames vs 2 (temporal patch 2)
+    chat = {"messages": [{"role": "user", "content": [{"type": "video", "video": str(media / "clip.mkv")}]},
+                         {"role": "assistant", "content": "left"}]}  # HF chat format: the same settings apply
+    assert _transform(model, processor, fps=4.0, max_frames=2)(chat)[0]["video_grid_thw"][0, 0] == 1
     with_audio = _transform(model, processor, fps=4.0, use_audio_in_video=True)(sample)[0]
     assert "audio_feature_lengths" in with_audio and "audio_feature_lengths" not in plain
     image = {"images": [str(media / "shape.png")], "conversations": [{"from": "human", "value": "<image>?"}, {"from": "gpt", "value": "x"}]}

@@ -38,6 +38,7 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.distributed.elastic.multiprocessing.errors import record
 
 import veomni_omni  # noqa: F401  (patch set + registry hand-over, before VeOmni builds anything)
@@ -108,14 +109,18 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def _say(*parts) -> None:
     if _rank() == 0:
         print(*parts, flush=True)
 
 
 def prepare_inputs(args: OmniArguments) -> None:
-    """Write what the recipe asks to be made (synthetic set, tiny model) and point VeOmni's arguments at
-    it. Rank 0 writes, every rank waits; the process group already exists."""
+    """Write what the recipe's `omni:` section asks to be made (synthetic set, tiny model) where the
+    recipe's VeOmni paths point. Every rank calls it; the process group already exists."""
     omni = args.omni
     if omni.synthetic_data:
         if not (omni.eval_path and args.data.train_path.endswith(".jsonl") and omni.eval_path.endswith(".jsonl")):
@@ -194,6 +199,7 @@ class OmniTrainer(VLMTrainer):
         self.step_tokens: dict = {}
         self.skipped_before = 0
         self.skipped_total = 0  # samples skipped for bad media or length, all ranks
+        self.update_finite = True  # set by the guarded optimizer step
         self.setup_s = time.time() - self.started
         self._guard_updates()
 
@@ -215,10 +221,9 @@ class OmniTrainer(VLMTrainer):
         update = optimizer.step
 
         def guarded_step(*a, **kw):
-            finite = torch.tensor(
-                [float(all(bool(torch.isfinite(p.grad).all()) for p in self.base.model.parameters() if p.grad is not None))],
-                device=self.base.device,
-            )
+            # Each rank checks its own shards (no collective per parameter, one host sync), then all agree.
+            flags = [torch.isfinite(_local(p.grad)).all() for p in self.base.model.parameters() if p.grad is not None]
+            finite = torch.stack(flags).all().float().reshape(1) if flags else torch.ones(1, device=self.base.device)
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             self.update_finite = bool(finite.item())
             if self.update_finite:

@@ -32,7 +32,7 @@ import importlib.util
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -174,9 +174,8 @@ def _video_part(entry: Any, settings: MediaSettings) -> dict:
             part["audio"] = load_audio(audio, SAMPLING_RATE, entry.get("audio_fps"))
         return part
     video = load_video(entry, with_audio=settings.use_audio_in_video)
-    keep = settings.frame_count(len(video.frames), video.fps)
-    index = np.linspace(0, len(video.frames), keep, endpoint=False).astype(int)
-    part = {"type": "video", "video": video.frames[index], "fps": video.fps * keep / len(video.frames)}
+    sampled = load_video(video.frames, num_frames=settings.frame_count(len(video.frames), video.fps), fps=video.fps)
+    part = {"type": "video", "video": sampled.frames, "fps": sampled.fps}
     if settings.use_audio_in_video:
         if video.audio is None:
             raise MediaError(entry, "data.mm_configs.use_audio_in_video is set but the video has no audio track")
@@ -184,12 +183,29 @@ def _video_part(entry: Any, settings: MediaSettings) -> dict:
     return part
 
 
+def _sampled_videos(message: dict, settings: MediaSettings) -> dict:
+    """A chat message whose video files are sampled by data.mm_configs (fps, frame bounds); a part that
+    names its own `fps` or `nframes` keeps them (HF's convention)."""
+    content = message["content"]
+    if isinstance(content, str) or message["role"] == "assistant":
+        return message
+    parts = []
+    for part in content:
+        if _kind(part) == "video" and part.get("fps") is None and part.get("nframes") is None:
+            source = _part_source(part, "video")
+            if isinstance(source, (str, bytes, bytearray)) and part.get("audio") is None:
+                part = _video_part(source, settings)
+        parts.append(part)
+    return {**message, "content": parts}
+
+
 def to_messages(sample: dict, settings: MediaSettings, source_name: Optional[str] = None) -> tuple[list, bool]:
     """HF chat messages of a sample in any accepted format, and whether its videos carry their audio."""
     # Columnar sources (parquet, JSON through HF datasets) give every row every column, None where absent.
     if sample.get("messages") is not None:
         in_video = sample.get("use_audio_in_video")
-        return sample["messages"], bool(settings.use_audio_in_video if in_video is None else in_video)
+        in_video = bool(settings.use_audio_in_video if in_video is None else in_video)
+        return [_sampled_videos(message, replace(settings, use_audio_in_video=in_video)) for message in sample["messages"]], in_video
     if sample.get("conversations") is None:
         raise ValueError(f"a sample needs 'messages' or 'conversations'; got {sorted(k for k, v in sample.items() if v is not None)}")
     media = {kind: list(sample.get(f"{kind}s") or []) for kind in ("image", "video", "audio")}
