@@ -8,8 +8,7 @@ micro batches and ranks, divided by the FSDP size VeOmni's `mean_global_loss` mu
 grad norm VeOmni reports, how often each rank ran each encoder, plus the layout (world, EP size,
 whether the model checkpoints gradients, experts held per rank).
 
-argv: out.pt config.yaml [config.yaml ...]   (each a run of its own, one after another in this process
-group; a config as `tasks/train_vlm.py` takes it). Saved: {config file: {layout, steps}}.
+argv: out.pt config.yaml   (a config as `tasks/train_vlm.py` takes it). Saved: {config file: {layout, steps}}.
 """
 
 import sys
@@ -86,15 +85,15 @@ def run(config_file: str) -> dict:
             sorted({m.gate_up_proj.shape[0] for m in model.modules() if isinstance(m, Qwen3OmniMoeThinkerTextExperts)})
         ),
     }
-    trainer.train()  # ends with VeOmni tearing the process group down; the next run sets it up again
+    trainer.train()  # ends with VeOmni tearing the process group down
     return {"layout": layout, "steps": recorder.steps} if args.train.global_rank == 0 else None
 
 
 def main():
-    out_file, *config_files = sys.argv[1:]
-    results = {config_file: run(config_file) for config_file in config_files}
-    if results[config_files[0]] is not None:
-        torch.save(results, out_file)
+    out_file, config_file = sys.argv[1:]
+    result = run(config_file)
+    if result is not None:
+        torch.save({config_file: result}, out_file)
 
 
 if __name__ == "__main__":
