@@ -23,3 +23,19 @@ def patched():
     veomni_omni.apply()
     yield
     veomni_omni.apply()
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory):
+    """The tiny processor, saved and loaded back as from a checkpoint directory."""
+    from veomni_omni.data.processor import build_tiny_processor, load_processor
+
+    path = tmp_path_factory.mktemp("proc")
+    build_tiny_processor(path)
+    return load_processor(path)
+
+
+@pytest.fixture(scope="module")
+def config():
+    """The tiny thinker config the tiny processor's token ids belong to."""
+    return tiny_thinker_config()

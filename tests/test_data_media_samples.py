@@ -11,21 +11,8 @@ import pytest
 from PIL import Image
 
 from veomni_omni.data.media import MediaError
-from veomni_omni.data.processor import build_tiny_processor, load_processor
 from veomni_omni.data.samples import encode_or_skip, encode_sample
-from veomni_omni.testing import TOKENS, tiny_thinker_config
-
-
-@pytest.fixture(scope="module")
-def processor(tmp_path_factory):
-    path = tmp_path_factory.mktemp("proc")
-    build_tiny_processor(path)
-    return load_processor(path)
-
-
-@pytest.fixture(scope="module")
-def config():
-    return tiny_thinker_config()
+from veomni_omni.testing import TOKENS
 
 
 def _tone(seconds, rate=48000):

@@ -9,24 +9,11 @@ import torch
 
 from veomni_omni.data import synthetic
 from veomni_omni.data.media import MediaError, save_video
-from veomni_omni.data.processor import build_tiny_processor, load_processor
 from veomni_omni.data.samples import SampleTooLong, encode_or_skip, encode_sample, media_blocks
 from veomni_omni.testing import TOKENS, audio_token_count, build_batch, rope_position_ids, tiny_thinker_config
 
 IDS = TOKENS  # media_blocks wants the start/end/placeholder ids under these names
 MEDIA_TOKENS = ("vision_start", "vision_end", "audio_start", "audio_end", "image", "video", "audio")
-
-
-@pytest.fixture(scope="module")
-def processor(tmp_path_factory):
-    path = tmp_path_factory.mktemp("proc")
-    build_tiny_processor(path)
-    return load_processor(path)
-
-
-@pytest.fixture(scope="module")
-def config():
-    return tiny_thinker_config()
 
 
 def _rng(seed=0):
