@@ -183,34 +183,18 @@ def _video_part(entry: Any, settings: MediaSettings) -> dict:
     return part
 
 
-def _sampled_videos(message: dict, settings: MediaSettings) -> dict:
-    """A chat message whose video files are sampled by data.mm_configs (fps, frame bounds); a part that
-    names its own `fps` or `nframes` keeps them (HF's convention)."""
-    content = message["content"]
-    if isinstance(content, str) or message["role"] == "assistant":
-        return message
-    parts = []
-    for part in content:
-        if _kind(part) == "video" and part.get("fps") is None and part.get("nframes") is None:
-            source = _part_source(part, "video")
-            if isinstance(source, (str, bytes, bytearray)) and part.get("audio") is None:
-                part = _video_part(source, settings)
-        parts.append(part)
-    return {**message, "content": parts}
-
-
 def to_messages(sample: dict, settings: MediaSettings, source_name: Optional[str] = None) -> tuple[list, bool]:
-    """HF chat messages of a sample in any accepted format, and whether its videos carry their audio."""
+    """HF chat messages of a sample in any accepted format (media not decoded yet), and whether its videos
+    carry their audio."""
     # Columnar sources (parquet, JSON through HF datasets) give every row every column, None where absent.
     if sample.get("messages") is not None:
         in_video = sample.get("use_audio_in_video")
-        in_video = bool(settings.use_audio_in_video if in_video is None else in_video)
-        return [_sampled_videos(message, replace(settings, use_audio_in_video=in_video)) for message in sample["messages"]], in_video
+        return sample["messages"], bool(settings.use_audio_in_video if in_video is None else in_video)
     if sample.get("conversations") is None:
         raise ValueError(f"a sample needs 'messages' or 'conversations'; got {sorted(k for k, v in sample.items() if v is not None)}")
     media = {kind: list(sample.get(f"{kind}s") or []) for kind in ("image", "video", "audio")}
     used = {kind: 0 for kind in media}
-    messages, audio_in_video = [], False
+    messages, audio_in_video = [], settings.use_audio_in_video
     for role, *parts in _content_items(sample, source_name):
         content = []
         for kind, value in parts:
@@ -221,12 +205,9 @@ def to_messages(sample: dict, settings: MediaSettings, source_name: Optional[str
                 raise ValueError(f"more <{kind}> markers than entries in the sample's '{kind}s' ({len(media[kind])})")
             entry = media[kind][used[kind]]
             used[kind] += 1
-            if kind == "video":
-                part = _video_part(entry, settings)
-                audio_in_video |= "audio" in part
-                content.append(part)
-            else:
-                content.append({"type": kind, kind: entry})
+            # an offline A/V dict brings its soundtrack: the sample's videos are interleaved with their audio
+            audio_in_video |= kind == "video" and isinstance(entry, dict) and entry.get("audio") is not None
+            content.append({"type": kind, kind: entry})
         messages.append({"role": role, "content": content})
     left = {kind: len(media[kind]) - used[kind] for kind in media if used[kind] != len(media[kind])}
     if left:
@@ -236,23 +217,33 @@ def to_messages(sample: dict, settings: MediaSettings, source_name: Optional[str
     return messages, audio_in_video
 
 
-def _checked_images(messages: list, settings: MediaSettings) -> list:
-    """The messages with every image decoded, and one beyond data.mm_configs.max_ratio refused."""
+def _decoded_media(messages: list, settings: MediaSettings) -> list:
+    """The messages with their media decoded once, as data.mm_configs says: images (one beyond `max_ratio`
+    refused), video files and offline A/V dicts sampled (fps, frame bounds, soundtrack); a video part that
+    names its own `fps`, `nframes` or soundtrack keeps them (HF's convention). Assistant turns are left to
+    `encode_sample`, which refuses media there."""
     out = []
     for message in messages:
         content = message["content"]
-        if not isinstance(content, str):
-            content = [dict(part) for part in content]
-            for part in content:
-                if _kind(part) == "image":
-                    source = _part_source(part, "image")
-                    image = load_image(source)
-                    ratio = max(image.size) / min(image.size)
-                    if settings.max_ratio is not None and ratio > settings.max_ratio:
-                        raise MediaError(source, f"aspect ratio {ratio:.0f} exceeds data.mm_configs.max_ratio={settings.max_ratio}")
-                    part.clear()
-                    part.update(type="image", image=image)
-        out.append({**message, "content": content})
+        if isinstance(content, str) or message["role"] == "assistant":
+            out.append(message)
+            continue
+        parts = []
+        for part in content:
+            kind = _kind(part)
+            if kind == "image":
+                source = _part_source(part, "image")
+                image = load_image(source)
+                ratio = max(image.size) / min(image.size)
+                if settings.max_ratio is not None and ratio > settings.max_ratio:
+                    raise MediaError(source, f"aspect ratio {ratio:.0f} exceeds data.mm_configs.max_ratio={settings.max_ratio}")
+                part = {"type": "image", "image": image}
+            elif kind == "video" and all(part.get(key) is None for key in ("fps", "nframes", "audio")):
+                source = _part_source(part, "video")
+                if isinstance(source, (str, bytes, bytearray, dict)):
+                    part = _video_part(source, settings)
+            parts.append(part)
+        out.append({**message, "content": parts})
     return out
 
 
@@ -322,7 +313,7 @@ def _transform(sample: dict, processor, config, settings: MediaSettings, source_
     sample_id = sample.get("id", sample.get("sample_id", "?"))
     try:
         messages, audio_in_video = to_messages(sample, settings, source_name or sample.get("source_name"))
-        messages = _checked_images(messages, settings)
+        messages = _decoded_media(messages, replace(settings, use_audio_in_video=audio_in_video))
         encoded = encode_sample(
             {"messages": messages},
             processor,
