@@ -44,13 +44,11 @@ import veomni_omni  # noqa: F401  (patch set + registry hand-over, before VeOmni
 from veomni.arguments import parse_args
 from veomni.trainer.vlm_trainer import VeOmniVLMArguments, VLMTrainer
 
-from .data.checks import input_problems, raise_on_problems
+from .data.checks import IGNORE_INDEX, input_problems, raise_on_problems
 from .data.synthetic import read_jsonl
 from .data.veomni_transform import SkipCounter
 from .models.moe import expert_load
 from .train_data import MODALITIES, accuracy_by_modality, chance_level, prepare_synthetic_set
-
-IGNORE_INDEX = -100
 
 
 # ------------------------------------------------------------------------------------ arguments
