@@ -52,8 +52,19 @@ from veomni_omni.testing import (
 WORKER = str(Path(__file__).parent / "dist" / "veomni_trainer_parity.py")
 SEED = 7  # train.seed: VeOmni's sampler shuffles with it
 
-# Per layout: ranks, EP size, gradient checkpointing, whether a packed run follows, and per step the
-# samples of each rank's micro batches (one sample each) by kind.
+# Packed micro batches for SP. "text_N": a text sample with N more prompt tokens, which moves the slice
+# boundaries (at multiples of ceil(length / sp)) onto the media of the next sample: with the tiny processor
+# an image+audio sample is 180 tokens, its 128-pixel image's 16 placeholders at 122-137, its 1 s clip's 13
+# at 140-152; a text sample is 25 tokens.
+IMAGE_STRADDLES = ["text", "image+audio", "text_80"]  # 310 tokens: SP 2 and SP 4 cut the image at 155 / 156
+AUDIO_STRADDLES = ["image+audio", "text_63", "text"]  # 293 tokens: SP 2 and SP 4 cut the clip at 147 / 148
+TEXT_ONLY_SLICE = ["text_150", "video", "audio"]  # 518 tokens: the first half is text only
+
+# Per layout: ranks, EP size, Ulysses SP size, gradient checkpointing, whether a packed run follows, and
+# per step the samples of each data-parallel rank's micro batches by kind: one sample per micro batch, or
+# (`pack`) all of a rank's samples packed into its one micro batch of the step. Under SP the packed
+# sequences are planned so that an image and an audio clip straddle a slice boundary and some rank's
+# slice holds no media token (checked below, `sp_coverage`).
 LAYOUTS = {
     "fsdp2": dict(world=2, ep=1, gc=False, packed=True, steps=[
         [["text", "text"], ["image+audio", "video"]],
@@ -66,6 +77,13 @@ LAYOUTS = {
     "fsdp2_ep2": dict(world=4, ep=2, gc=True, steps=[
         [["text"], ["image+audio"], ["audio_in_video"], ["image"]],
     ]),
+    "sp2": dict(world=2, ep=1, sp=2, gc=False, pack=True, steps=[[IMAGE_STRADDLES], [AUDIO_STRADDLES], [TEXT_ONLY_SLICE]]),
+    "sp4": dict(world=4, ep=1, sp=4, gc=False, pack=True, steps=[[IMAGE_STRADDLES], [AUDIO_STRADDLES]]),
+    "sp2_fsdp2": dict(world=4, ep=1, sp=2, gc=True, pack=True, steps=[
+        [IMAGE_STRADDLES, TEXT_ONLY_SLICE],
+        [AUDIO_STRADDLES, ["audio_in_video", "text", "image"]],
+    ]),
+    "sp2_ep2": dict(world=2, ep=2, sp=2, gc=False, pack=True, steps=[[IMAGE_STRADDLES], [AUDIO_STRADDLES], [TEXT_ONLY_SLICE]]),
 }
 # The modalities the model must see in a sample of each kind.
 MODALITIES = {
@@ -92,8 +110,8 @@ def checkpoint(tmp_path_factory):
 class SampleMaker:
     """VeOmni-format samples of each kind, each with its own text and media files under `root`."""
 
-    def __init__(self, root: Path):
-        self.root, self.rng, self.count = root, np.random.default_rng(0), 0
+    def __init__(self, root: Path, image_size: int = synthetic.IMAGE_SIZE):
+        self.root, self.rng, self.count, self.image_size = root, np.random.default_rng(0), 0, image_size
         root.mkdir(exist_ok=True)
 
     def _file(self, suffix):
@@ -102,7 +120,7 @@ class SampleMaker:
 
     def image(self):
         path = self._file(".png")
-        Image.fromarray(synthetic.make_image(self.rng, "circle", "red")).save(path)
+        Image.fromarray(synthetic.make_image(self.rng, "circle", "red", self.image_size)).save(path)
         return path
 
     def wav(self, seconds=1.0):
@@ -115,9 +133,10 @@ class SampleMaker:
 
     def __call__(self, kind: str) -> dict:
         question = f"question {self.count}"
-        if kind == "text":  # HF chat messages
+        if kind.startswith("text"):  # HF chat messages; text_N: N more prompt tokens (" a" is one token)
+            prompt = f"two plus two, {question}" + " a" * int(kind.removeprefix("text").removeprefix("_") or 0)
             return {"messages": [
-                {"role": "user", "content": [{"type": "text", "text": f"two plus two, {question}"}]},
+                {"role": "user", "content": [{"type": "text", "text": prompt}]},
                 {"role": "assistant", "content": [{"type": "text", "text": "four"}]},
             ]}
         sample = {"images": [], "audios": [], "videos": []}
@@ -144,23 +163,27 @@ class SampleMaker:
 def write_dataset(path: Path, layout: dict, make: SampleMaker) -> None:
     """JSONL whose rows VeOmni's sampler (shuffled with SEED, rank r taking every world-th index) hands
     to the ranks and micro batches as the layout plans."""
-    world, steps = layout["world"], layout["steps"]
+    dp, steps = data_parallel_size(layout), layout["steps"]
     per_rank = len(steps[0][0])
-    rows = [None] * (world * per_rank * len(steps))
-    for rank in range(world):
-        order = list(StatefulDistributedSampler(range(len(rows)), num_replicas=world, rank=rank, shuffle=True, seed=SEED))
+    rows = [None] * (dp * per_rank * len(steps))
+    for rank in range(dp):
+        order = list(StatefulDistributedSampler(range(len(rows)), num_replicas=dp, rank=rank, shuffle=True, seed=SEED))
         for step, plan in enumerate(steps):
             for micro, kind in enumerate(plan[rank]):
                 rows[order[step * per_rank + micro]] = make(kind)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
+def data_parallel_size(layout: dict) -> int:
+    return layout["world"] // layout.get("sp", 1)
+
+
 def write_config(path: Path, checkpoint: Path, data: Path, layout: dict, output_dir: Path, packed: bool = False) -> None:
     """A VeOmni YAML: fp32 everywhere (mixed precision with fp32 params), no clipping in effect, no
-    checkpoint or HF export, every op on its eager path (CPU). One sample per micro batch as planned,
-    or (`packed`) VeOmni's default dynamic batching: samples packed into rows of up to max_seq_len
-    tokens, one step."""
+    checkpoint or HF export, every op on its eager path (CPU). Micro batches as planned, or (`packed`)
+    VeOmni's default dynamic batching: samples packed into rows of up to max_seq_len tokens, one step."""
     per_rank = len(layout["steps"][0][0])
+    micro_batch_size = per_rank if layout.get("pack") else 1
     ops = {k: v for k, v in vars(eager_ops_config()).items() if v is not None}
     data_config = {"train_path": str(data), "datasets_type": "mapping", "max_seq_len": 384 if packed else 512, "dataloader": {"num_workers": 0}}
     if packed:
@@ -171,15 +194,15 @@ def write_config(path: Path, checkpoint: Path, data: Path, layout: dict, output_
         "train": {
             "seed": SEED,
             "accelerator": {
-                "ulysses_size": 1, "ep_size": layout["ep"],
+                "ulysses_size": layout.get("sp", 1), "ep_size": layout["ep"],
                 "fsdp_config": {"fsdp_mode": "fsdp2", "mixed_precision": {"enable": True, "param_dtype": "float32", "reduce_dtype": "float32"}},
             },
             "gradient_checkpointing": {"enable": layout["gc"]},
             "optimizer": {"lr": 1.0e-3, "max_grad_norm": 1.0e9},
             "vit_lr": 1.0e-3,
-            "micro_batch_size": 1,
+            "micro_batch_size": micro_batch_size,
             "dyn_bsz": packed,
-            "global_batch_size": layout["world"] * per_rank,
+            "global_batch_size": data_parallel_size(layout) * per_rank,
             "max_steps": 1 if packed else len(layout["steps"]),
             "num_train_epochs": 1,
             "init_device": "meta",
@@ -189,14 +212,23 @@ def write_config(path: Path, checkpoint: Path, data: Path, layout: dict, output_
     path.write_text(yaml.safe_dump(config))
 
 
+def modalities_of(kind: str) -> set:
+    return set() if kind.startswith("text") else MODALITIES[kind]
+
+
 def modalities(sample: dict) -> set:
     present = {"image": "pixel_values", "video": "pixel_values_videos", "audio": "input_features"}
     return {kind for kind, key in present.items() if key in sample}
 
 
-def reference_step(thinker_config, record: dict) -> tuple:
+def data_parallel_batches(record: dict, layout: dict) -> list:
+    """Each data-parallel rank's micro batches once (the ranks of an SP group share theirs)."""
+    return [batches for batches, sp_rank in zip(record["micro_batches"], layout["sp_rank"]) if sp_rank <= 0]
+
+
+def reference_step(thinker_config, record: dict, layout: dict) -> tuple:
     """Unpatched HF thinker, one process, the step's starting weights, the whole global batch."""
-    samples = [s for rank in record["micro_batches"] for mb in rank for s in unpack_veomni_micro_batch(mb, thinker_config)]
+    samples = [s for rank in data_parallel_batches(record, layout) for mb in rank for s in unpack_veomni_micro_batch(mb, thinker_config)]
     with veomni_omni.unpatched():
         model = Qwen3OmniMoeThinkerForConditionalGeneration(thinker_config)
         weights = {name.removeprefix("thinker."): w for name, w in record["weights"].items()}
@@ -205,10 +237,10 @@ def reference_step(thinker_config, record: dict) -> tuple:
     return loss, {f"thinker.{name}": g for name, g in grads.items()}
 
 
-def step_differences(thinker_config, record: dict, label: str) -> tuple[list[str], float]:
+def step_differences(thinker_config, record: dict, layout: dict, label: str) -> tuple[list[str], float]:
     """A recorded step against the reference: failures (loss, grad norm, every gradient) and the
     largest relative gradient difference."""
-    ref_loss, ref_grads = reference_step(thinker_config, record)
+    ref_loss, ref_grads = reference_step(thinker_config, record, layout)
     got_grads = record["grads"]
     # A modality absent from the whole global batch has no reference gradient: ours must be exactly zero.
     ref_grads = {n: (g if g is not None else torch.zeros_like(got_grads[n])) for n, g in ref_grads.items() if g is not None or n in got_grads}
@@ -225,9 +257,11 @@ def check_run(result: dict, layout: dict, thinker_weights: dict, label: str) -> 
     """What every run must show: the configured layout, the checkpoint's weights at the start, and each
     rank running each encoder once per micro batch (dummy inputs where it has none)."""
     experts = tiny_omni_config().thinker_config.text_config.num_experts
+    sp = layout.get("sp", 1)
     assert result["layout"] == {
-        "world": layout["world"], "ep": layout["ep"], "gradient_checkpointing": layout["gc"],
+        "world": layout["world"], "ep": layout["ep"], "sp": sp, "gradient_checkpointing": layout["gc"],
         "local_experts": [[experts // layout["ep"]]] * layout["world"],
+        "sp_rank": [r % sp if sp > 1 else -1 for r in range(layout["world"])],
     }, f"{label}: VeOmni did not lay the model out as configured"
     loaded = result["steps"][0]["weights"]
     assert loaded.keys() == thinker_weights.keys(), f"{label}: the trained thinker's parameters are not the checkpoint's"
@@ -241,11 +275,32 @@ def check_run(result: dict, layout: dict, thinker_weights: dict, label: str) -> 
             )
 
 
+def sp_coverage(result: dict, sp: int, thinker_config) -> set:
+    """What the SP run's packed sequences exercise: an image / an audio clip whose placeholder tokens
+    straddle a slice boundary, a rank whose slice holds no media token."""
+    found = set()
+    media = {m: getattr(thinker_config, f"{m}_token_id") for m in ("image", "video", "audio")}
+    for record in result["steps"]:
+        for batches in data_parallel_batches(record, result["layout"]):
+            for mb in batches:
+                ids = mb["input_ids"].reshape(-1)
+                chunk = -(-ids.numel() // sp)
+                slices = [ids[r * chunk : (r + 1) * chunk] for r in range(sp)]
+                for modality in ("image", "audio"):  # the same run of placeholders on both sides of a boundary
+                    if any(ids[r * chunk - 1] == ids[r * chunk] == media[modality] for r in range(1, sp)):
+                        found.add(f"{modality} straddles")
+                if any(not torch.isin(part, torch.tensor(list(media.values()))).any() for part in slices):
+                    found.add("slice without media")
+    return found
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_veomni_trainer_matches_single_process_hf(checkpoint, tmp_path, name):
     checkpoint, thinker_weights = checkpoint
     layout = LAYOUTS[name]
-    write_dataset(tmp_path / "train.jsonl", layout, SampleMaker(tmp_path / "media"))
+    # Under SP, 128-pixel images (16 placeholder tokens) give the slice boundaries more room to cut one.
+    make = SampleMaker(tmp_path / "media", image_size=128 if layout.get("sp") else synthetic.IMAGE_SIZE)
+    write_dataset(tmp_path / "train.jsonl", layout, make)
     configs = {"planned": tmp_path / "planned.yaml"}
     if layout.get("packed"):
         configs["packed"] = tmp_path / "packed.yaml"
@@ -261,9 +316,13 @@ def test_veomni_trainer_matches_single_process_hf(checkpoint, tmp_path, name):
     planned = results["planned"]
     assert len(planned["steps"]) == len(layout["steps"]), "VeOmni's trainer did not run the planned steps"
     for step, (plan, record) in enumerate(zip(layout["steps"], planned["steps"]), start=1):
-        for rank, (kinds, batches) in enumerate(zip(plan, record["micro_batches"])):
+        for rank, (kinds, batches) in enumerate(zip(plan, data_parallel_batches(record, planned["layout"]))):
             got = [[modalities(s) for s in unpack_veomni_micro_batch(mb, thinker_config)] for mb in batches]
-            assert got == [[MODALITIES[k]] for k in kinds], f"step {step} rank {rank}: micro batches hold {got}, planned {kinds}"
+            want = [[modalities_of(k) for k in kinds]] if layout.get("pack") else [[modalities_of(k)] for k in kinds]
+            assert got == want, f"step {step} rank {rank}: micro batches hold {got}, planned {kinds}"
+    if layout.get("sp"):
+        coverage = sp_coverage(planned, layout["sp"], thinker_config)
+        assert coverage == {"image straddles", "audio straddles", "slice without media"}, f"SP cases exercise only {coverage}"
     if "packed" in results:
         for rank, batches in enumerate(results["packed"]["steps"][0]["micro_batches"]):
             packed = [[modalities(s) for s in unpack_veomni_micro_batch(mb, thinker_config)] for mb in batches]
@@ -273,7 +332,7 @@ def test_veomni_trainer_matches_single_process_hf(checkpoint, tmp_path, name):
     for run, result in results.items():
         check_run(result, layout, thinker_weights, run)
         for step, record in enumerate(result["steps"], start=1):
-            errors, worst[f"{run} step {step}"] = step_differences(thinker_config, record, f"{run} step {step}")
+            errors, worst[f"{run} step {step}"] = step_differences(thinker_config, record, result["layout"], f"{run} step {step}")
             failures += errors
     print(f"VeOmni trainer, {name}: largest relative gradient difference " + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
     assert not failures, "\n".join(failures[:20])

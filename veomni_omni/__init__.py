@@ -6,13 +6,11 @@ from . import host_cpu as _host_cpu
 from . import patching as _patching
 from . import registry as _registry
 from .data import video_processor as _video_processor
-from .models import sequence_parallel as _sequence_parallel
 from .patching import OPT_OUT_ENV, PatchFingerprintError
 from .patchset import PATCHES
 
 _HOOKS = (
     (_registry.register, _registry.unregister),
-    (_sequence_parallel.register_attention, _sequence_parallel.unregister_attention),
     # transformers 5.22 cannot build or load a video processor without torchvision: ours fills in.
     (_video_processor.register, _video_processor.unregister),
     # VeOmni's distributed set-up refuses CPU; gloo and a CPU device module fill in.

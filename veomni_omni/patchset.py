@@ -121,6 +121,25 @@ PATCHES = (
         test="tests/test_veomni_trainer.py",
     ),
     Patch(
+        name="omni_metadata_collate_func",
+        owner=hf.Qwen3OmniMoeForConditionalGeneration,
+        attr="get_metadata_collate_func",
+        replacement=veomni_hooks.get_metadata_collate_func,
+        fingerprint=None,
+        why="under Ulysses SP VeOmni's SP collator calls this hook last: it turns the collated batch into our SP shard "
+        "(joint image+video patch slice, audio windows, fill-back positions); VeOmni's own slicing cut the audio and pixels apart",
+        test="tests/test_veomni_trainer_parity.py (sp layouts)",
+    ),
+    Patch(
+        name="thinker_metadata_collate_func",
+        owner=hf.Qwen3OmniMoeThinkerForConditionalGeneration,
+        attr="get_metadata_collate_func",
+        replacement=veomni_hooks.get_metadata_collate_func,
+        fingerprint=None,
+        why="the same for a thinker-only checkpoint",
+        test="tests/test_veomni_trainer_parity.py (sp layouts)",
+    ),
+    Patch(
         name="thinker_visual",
         owner=hf.Qwen3OmniMoeThinkerForConditionalGeneration,
         attr="visual",

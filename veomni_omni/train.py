@@ -45,6 +45,7 @@ from veomni.arguments import parse_args
 from veomni.trainer.vlm_trainer import VeOmniVLMArguments, VLMTrainer
 
 from .data.checks import IGNORE_INDEX, input_problems, raise_on_problems
+from .data.sequence_parallel import check_divisible_heads
 from .data.synthetic import read_jsonl
 from .data.veomni_transform import SkipCounter
 from .models.moe import expert_load
@@ -170,11 +171,11 @@ def check_layout(args: OmniArguments, config, world: int) -> None:
     if ep > 1 and text.num_experts % ep:
         divisors = [d for d in range(1, world + 1) if world % d == 0 and text.num_experts % d == 0]
         raise ValueError(f"train.accelerator.ep_size={ep} does not divide the {text.num_experts} experts; use one of {divisors}")
-    if args.train.accelerator.ulysses_size > 1:
-        raise ValueError(
-            "train.accelerator.ulysses_size > 1: Ulysses SP through VeOmni's trainer is not supported yet for "
-            "Qwen3-Omni (its SP collator does not produce the layout our SP forward needs); use ulysses_size: 1"
-        )
+    sp = args.train.accelerator.ulysses_size
+    if sp > 1:
+        if world % sp:
+            raise ValueError(f"train.accelerator.ulysses_size={sp} does not divide the {world} ranks")
+        check_divisible_heads(thinker, sp)
 
 
 # ------------------------------------------------------------------------------------ trainer
@@ -203,11 +204,19 @@ class OmniTrainer(VLMTrainer):
     # ---- before the step: host-side checks, agreed across ranks
     def on_step_begin(self, micro_batches=None):
         self.step_started = time.time()
-        problems = []
+        problems, ids = [], []
         for k, batch in enumerate(micro_batches or []):
-            problems += input_problems(batch, self.config, name=f"micro batch {k} (step {self.base.state.global_step})")
+            name = f"micro batch {k} (step {self.base.state.global_step})"
+            sp_inputs = batch.get("sp_inputs")
+            if sp_inputs is None:
+                problems += input_problems(batch, self.config, name=name)
+                ids.append(batch["input_ids"].reshape(-1))
+            else:  # an SP shard: the collator checked the whole sequence; count this slice's tokens, not its pad
+                problems += [f"{name}: {line}" for line in sp_inputs.get("problems", [])]
+                begin, end = sp_inputs["slice"]
+                ids.append(batch["input_ids"].reshape(-1)[: max(0, min(end, sp_inputs["tokens"]) - begin)])
         raise_on_problems(problems)
-        ids = torch.cat([b["input_ids"].reshape(-1) for b in micro_batches]) if micro_batches else torch.zeros(0)
+        ids = torch.cat(ids) if ids else torch.zeros(0)
         self.step_tokens = {m: int((ids == getattr(self.config, f"{m}_token_id")).sum()) for m in ("image", "video", "audio")}
         self.step_tokens["text"] = int(ids.numel()) - sum(self.step_tokens.values())
         super().on_step_begin(micro_batches=micro_batches)
@@ -312,10 +321,12 @@ class OmniTrainer(VLMTrainer):
                 raise RuntimeError("a data-parallel rank got no evaluation sample; use more eval samples than ranks")
             batch = self.base.preforward(self.base.collate_fn([dict(feature) for _, feature in pack]))
             labels = batch.pop("labels")[0]
-            logits = model(**batch, use_cache=False).logits[0]
+            predicted = model(**batch, use_cache=False).logits[0].argmax(-1)
+            if state.sp_enabled:  # this rank's slice, labels already shifted: the whole sequence, shifted back
+                predicted, labels = (_gather_slices(t, state.sp_group) for t in (predicted, labels))
+                labels = torch.cat([labels.new_full((1,), IGNORE_INDEX), labels])
             if k >= len(batches):
                 continue  # a repeat, run only to keep the FSDP collectives in step
-            predicted = logits.argmax(-1)
             starts = batch["cu_seq_lens_q"].tolist()
             for (index, _), begin, end in zip(pack, starts[:-1], starts[1:]):
                 target = labels[begin + 1 : end]
@@ -368,6 +379,13 @@ class OmniTrainer(VLMTrainer):
                            "setup_s": round(self.setup_s, 1), "train_s": round(train_s, 1)}, f, indent=1)
             _say(json.dumps(summary))
         return summary
+
+
+def _gather_slices(local: torch.Tensor, group) -> torch.Tensor:
+    """The SP group's equal-length slices of a sequence, in rank order, on every rank."""
+    slices = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(slices, local.contiguous(), group=group)
+    return torch.cat(slices)
 
 
 def plot_losses(path: Path, losses: list, evals: list, chance: float) -> None:

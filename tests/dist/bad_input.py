@@ -25,7 +25,6 @@ from veomni.models import build_foundation_model
 from veomni_omni.data.checks import BadInputError, check_micro_batch, padding_batch
 from veomni_omni.data.sequence_parallel import pack_rows, shard_for_sequence_parallel
 from veomni_omni.host import eager_ops_config
-from veomni_omni.models.sequence_parallel import ULYSSES_SDPA
 from veomni_omni.testing import TOKENS, build_batch
 
 from ep_parity import full_gradients  # same directory
@@ -77,7 +76,6 @@ def main():
     clear_parallel_state()  # same processes, new layout: Ulysses SP over both ranks
     init_parallel_state(dp_size=1, ulysses_size=2, dp_mode="fsdp2", device_type="cpu")
     model = build_foundation_model(checkpoint, init_device="meta", torch_dtype="float32", ops_implementation=eager_ops_config())
-    model.config.get_text_config()._attn_implementation = ULYSSES_SDPA
     model = build_parallelize_model(
         model, weights_path=checkpoint, init_device="meta", enable_gradient_checkpointing=False,
         mixed_precision=MixedPrecisionConfig(enable=False), enable_reshard_after_forward=True,

@@ -21,7 +21,6 @@ from veomni.utils.loss_utils import count_loss_token, mean_global_loss, reduce_g
 
 from veomni_omni.data.sequence_parallel import pack_rows, shard_for_sequence_parallel
 from veomni_omni.host import eager_ops_config
-from veomni_omni.models.sequence_parallel import ULYSSES_SDPA
 from veomni_omni.testing import build_batch
 
 from ep_parity import full_gradients  # same directory: FSDP shards gathered, EP slices concatenated
@@ -38,7 +37,6 @@ def main():
     )
     state = get_parallel_state()
     model = build_foundation_model(checkpoint, init_device="meta", torch_dtype="float32", ops_implementation=eager_ops_config())
-    model.config.get_text_config()._attn_implementation = ULYSSES_SDPA
     model = build_parallelize_model(
         model, weights_path=checkpoint, init_device="meta", enable_gradient_checkpointing=False,
         mixed_precision=MixedPrecisionConfig(enable=False), enable_reshard_after_forward=True,

@@ -2,7 +2,8 @@
 and a wrapper record, per step, what the parity test needs to recompute the step without the patches.
 
 Per step, on rank 0: the model's full weights at the step's start (before its update), every rank's micro
-batches (as the collator made them), the full gradients just before `optimizer.step` (after VeOmni's
+batches (as the collator made them; under Ulysses SP as VeOmni's packing collator made them, before the SP
+stage shards them, which the reference needs whole), the full gradients just before `optimizer.step` (after VeOmni's
 clipping, which the config turns into a no-op), the global loss (every rank's share summed over the
 micro batches and ranks, divided by the FSDP size VeOmni's `mean_global_loss` multiplies by) and the
 grad norm VeOmni reports, how often each rank ran each encoder, plus the layout (world, EP size,
@@ -19,6 +20,7 @@ import torch.distributed as dist
 import veomni_omni  # noqa: F401  (patches + registry, before VeOmni builds anything)
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerTextExperts
 from veomni.arguments import parse_args
+from veomni.data.data_collator import add_flash_attention_kwargs_from_position_ids
 from veomni.distributed.parallel_state import get_parallel_state
 from veomni.trainer.callbacks.base import Callback
 from veomni.trainer.vlm_trainer import VeOmniVLMArguments, VLMTrainer
@@ -33,6 +35,8 @@ class StepRecorder(Callback):
         super().__init__(trainer)
         self.steps = []
         self.encoder_calls = {}
+        self.packed = {}  # id(shard) -> (shard, the packed batch it was cut from), under SP
+        self._record_packed_batches()
         for name in ("visual", "audio_tower"):
             encoder = getattr(trainer.model.thinker.model, name)
             encoder.register_forward_hook(lambda *_, name=name: self.encoder_calls.update({name: self.encoder_calls[name] + 1}))
@@ -43,8 +47,32 @@ class StepRecorder(Callback):
         dist.all_gather_object(everyone, obj)
         return everyone
 
+    def _record_packed_batches(self):
+        """Under SP, keep a copy of each micro batch as it enters the collator's last stage (VeOmni's SP
+        collator, which ends in our shard hook)."""
+        pipeline = self.trainer.collate_fn.preforward_pipeline
+        if not self.parallel_state.sp_enabled:
+            return
+        sp_stage = pipeline[-1]
+
+        def recording_sp_stage(batch):
+            packed = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+            add_flash_attention_kwargs_from_position_ids(packed)  # the boundaries, as VeOmni adds them without SP
+            shard = sp_stage(batch)
+            self.packed[id(shard)] = (shard, packed)
+            return shard
+
+        pipeline[-1] = recording_sp_stage
+
+    def _whole(self, micro_batch):
+        if not self.parallel_state.sp_enabled:
+            return micro_batch
+        shard, packed = self.packed.pop(id(micro_batch))
+        assert shard is micro_batch, "a micro batch reached the step that the recorded SP stage did not make"
+        return packed
+
     def on_step_begin(self, state, micro_batches=None, **kwargs):
-        batches = [{k: v.clone() if torch.is_tensor(v) else v for k, v in mb.items()} for mb in micro_batches]
+        batches = [{k: v.clone() if torch.is_tensor(v) else v for k, v in self._whole(mb).items()} for mb in micro_batches]
         self.encoder_calls = {"visual": 0, "audio_tower": 0}
         self.steps.append({
             "weights": gather_full_tensors(self.trainer.model),
@@ -79,6 +107,7 @@ def run(config_file: str) -> dict:
     model = trainer.base.model
     layout = {
         "world": dist.get_world_size(), "ep": state.ep_size if state.ep_enabled else 1,
+        "sp": state.ulysses_size, "sp_rank": recorder._all_gather(state.ulysses_rank),
         "gradient_checkpointing": model.is_gradient_checkpointing,
         # experts each rank holds per MoE layer (the plan shards them over EP)
         "local_experts": recorder._all_gather(

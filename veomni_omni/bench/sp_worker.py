@@ -113,12 +113,10 @@ def host_syncs(sp_size: int, rank: int) -> dict:
     from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 
     from veomni_omni.data.sequence_parallel import pack_rows, shard_for_sequence_parallel
-    from veomni_omni.models.sequence_parallel import ULYSSES_SDPA
     from veomni_omni.testing import build_batch, tiny_thinker_config
 
     torch.manual_seed(0)
     config = tiny_thinker_config(output_router_logits=False)
-    config.get_text_config()._attn_implementation = ULYSSES_SDPA
     model = Qwen3OmniMoeThinkerForConditionalGeneration(config)
     rows = [
         [("prompt", 3), ("image", 1, 4, 6), ("text", 5)],

@@ -14,6 +14,10 @@ so the model's SP forward does no device-to-host sync and no extra communication
   (padded chunks, valid rows, window boundaries) so the tower needs no look at lengths either;
 - positions (index tensors) wherever the model writes rows into the sequence, so it scatters with
   index ops rather than boolean masks.
+
+Two entry points: `shard_collated_batch` finishes what VeOmni's SequenceParallelCollator started (its
+trainer's path: `get_metadata_collate_func` of the patched model); `shard_for_sequence_parallel` shards
+a packed batch in HF's layout on its own (tests, benchmarks, custom loops).
 """
 
 from __future__ import annotations
@@ -72,7 +76,8 @@ def check_divisible_heads(config, sp_size: int) -> None:
 
 
 def shard_for_sequence_parallel(packed: dict, config, sp_size: int, sp_rank: int) -> dict:
-    """This rank's model inputs for a packed (1, L) batch. See the module docstring."""
+    """This rank's model inputs for a packed (1, L) batch in HF's layout (`pack_rows`). See the module
+    docstring. Raises `BadInputError` on placeholder counts that do not match the media."""
     check_divisible_heads(config, sp_size)
     problems = input_problems(packed, config, "packed")  # the SP forward cannot check counts without host syncs
     if problems:
@@ -90,8 +95,6 @@ def shard_for_sequence_parallel(packed: dict, config, sp_size: int, sp_rank: int
     if pad:
         cu = torch.cat([cu, cu.new_tensor([length + pad])])
     cu = cu.unique_consecutive()  # drop empty samples (a padding-only row)
-    masks = {m: ids == getattr(config, f"{m}_token_id") for m in ("image", "video", "audio")}
-
     shard = {
         "input_ids": ids[:, begin:end],
         "labels": labels[:, begin:end],
@@ -102,11 +105,64 @@ def shard_for_sequence_parallel(packed: dict, config, sp_size: int, sp_rank: int
         "max_length_q": int((cu[1:] - cu[:-1]).max()),
         "max_length_k": int((cu[1:] - cu[:-1]).max()),
     }
+    clips = []
+    if "input_features" in packed:
+        frames = packed["feature_attention_mask"].sum(-1).tolist()
+        clips = [packed["input_features"][k, :, :n] for k, n in enumerate(frames)]
+    shard["sp_inputs"] = _media_shard(ids, packed, clips, config, sp_size, sp_rank, length, shard)
+    return shard
+
+
+# Keys of VeOmni's collated batch that `shard_collated_batch` moves into `sp_inputs` (or drops: the
+# attention mask is all ones and full-length under VeOmni's SP collator; the SP forward does not read it).
+_COLLATED_MEDIA_KEYS = ("pixel_values_videos", "image_grid_thw", "video_grid_thw", "input_features", "audio_feature_lengths", "attention_mask")
+
+
+def shard_collated_batch(batch: dict, config, sp_size: int, sp_rank: int) -> None:
+    """Turn the output of VeOmni's SequenceParallelCollator, in place, into this rank's SP shard.
+
+    VeOmni's collator has already done the text side the same way `shard_for_sequence_parallel` does:
+    labels shifted, padded to a multiple of sp and sliced, position ids padded and sliced, and the
+    varlen boundaries (`cu_seq_lens_*`, the pad tail one segment). By our collate infos
+    (`veomni_omni.models.veomni_hooks`) it left `input_ids` (padded), the pixels and the flat audio
+    features whole: the masks and the media shards need the whole sequence. Placeholder counts that
+    do not match the media are not raised here, in a DataLoader: they go in `sp_inputs["problems"]`,
+    which the forward raises and veomni_omni's trainer agrees on across ranks before any forward."""
+    ids = batch["input_ids"]
+    padded = ids.shape[1]
+    if padded % sp_size:
+        raise ValueError(f"input_ids of length {padded} reached the SP shard unpadded for sp {sp_size}: VeOmni's collate info "
+                         "for input_ids must keep sp_pad_value 0 and sp_slice False (veomni_omni.models.veomni_hooks)")
+    problems = input_problems(batch, config, "packed")
+    length = padded - int(batch.get("tail_padding_length", 0))
+    chunk = padded // sp_size
+    begin, end = sp_rank * chunk, (sp_rank + 1) * chunk
+    cu = batch["cu_seq_lens_q"]
+    shard = {"cu_seq_lens_host": cu.tolist()}
+    if problems:
+        sp_inputs = {"sp_size": sp_size, "slice": (begin, end), "tokens": length, "problems": problems}
+    else:
+        clips = []
+        if "input_features" in batch:
+            clips = [f.transpose(0, 1) for f in batch["input_features"].split(batch["audio_feature_lengths"].tolist())]
+        sp_inputs = _media_shard(ids, batch, clips, config, sp_size, sp_rank, length, shard)
+    for key in _COLLATED_MEDIA_KEYS + ("pixel_values",):
+        batch.pop(key, None)
+    batch.update(shard)
+    batch["input_ids"] = ids[:, begin:end]
+    batch["sp_inputs"] = sp_inputs
+
+
+def _media_shard(ids, packed, clips, config, sp_size, sp_rank, length, shard) -> dict:
+    """`sp_inputs` for this rank's slice of the padded sequence `ids` (1, chunk·sp); puts the rank's
+    pixel rows into `shard`. `clips`: each audio clip's (mel, frames) features, in placeholder order."""
+    chunk = ids.shape[1] // sp_size
+    begin, end = sp_rank * chunk, (sp_rank + 1) * chunk
+    masks = {m: ids == getattr(config, f"{m}_token_id") for m in ("image", "video", "audio")}
     sp_inputs = {"sp_size": sp_size, "slice": (begin, end), "tokens": length}
     sp_inputs.update(_vision_shard(packed, config, masks, sp_size, sp_rank, begin, end, shard))
-    sp_inputs.update(_audio_shard(packed, config, masks["audio"], begin, end))
-    shard["sp_inputs"] = sp_inputs
-    return shard
+    sp_inputs.update(_audio_shard(clips, config, masks["audio"], begin, end))
+    return sp_inputs
 
 
 def _vision_shard(packed, config, masks, sp_size, sp_rank, begin, end, shard) -> dict:
@@ -155,8 +211,8 @@ def _vision_shard(packed, config, masks, sp_size, sp_rank, begin, end, shard) ->
     }
 
 
-def _audio_shard(packed, config, audio_mask, begin, end) -> dict:
-    if "input_features" not in packed:
+def _audio_shard(clips, config, audio_mask, begin, end) -> dict:
+    if not clips:
         return {}
     audio = config.audio_config
     frames_per_window = audio.n_window_infer
@@ -166,15 +222,15 @@ def _audio_shard(packed, config, audio_mask, begin, end) -> dict:
     if first == last:
         return {}
 
-    features, lengths = packed["input_features"], packed["feature_attention_mask"].sum(-1).tolist()
     windows, window_clip_frames, select, token_start, out_rows = [], [], [], 0, 0
-    for clip, frames in enumerate(lengths):
+    for clip in clips:
+        frames = clip.shape[-1]
         for frame_start in range(0, frames, frames_per_window):
             n_frames = min(frames_per_window, frames - frame_start)
             n_tokens = int(_get_feat_extract_output_lengths(torch.tensor(n_frames), audio.n_window))
             lo, hi = max(first, token_start), min(last, token_start + n_tokens)
             if lo < hi:  # this window holds tokens of the slice: encode it here
-                windows.append(features[clip, :, frame_start : frame_start + n_frames])
+                windows.append(clip[:, frame_start : frame_start + n_frames])
                 window_clip_frames.append(frames)
                 select.extend(range(out_rows + lo - token_start, out_rows + hi - token_start))
                 out_rows += n_tokens

@@ -158,9 +158,12 @@ def dummy_vision_forward(visual, sp_size: int = 1) -> torch.Tensor:
     pixels = torch.zeros(merge * merge, patch_dim, dtype=visual.dtype, device=device)
     grid_thw = torch.tensor([[1, merge, merge]], device=device)
     segments = {}
-    if sp_size > 1:  # the caller's vision_sequence_parallel context carries the same bounds on the host
-        bounds = torch.arange(0, merge * merge * sp_size + 1, merge * merge, dtype=torch.int32, device=device)
-        segments = {"cu_seqlens": bounds, "max_seqlen": merge * merge}
+    if sp_size > 1:  # each rank's image is one segment of the gathered patch sequence
+        from .sequence_parallel import VISION_SEGMENTS_KWARG
+
+        bounds = list(range(0, merge * merge * sp_size + 1, merge * merge))
+        segments = {"cu_seqlens": torch.tensor(bounds, dtype=torch.int32, device=device), "max_seqlen": merge * merge,
+                    VISION_SEGMENTS_KWARG: bounds}
     out = visual(pixels, grid_thw=grid_thw, return_dict=True, **segments)
     return _zero_contribution([out.pooler_output, *out.deepstack_features])
 

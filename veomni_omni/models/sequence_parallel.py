@@ -13,29 +13,15 @@ Each rank holds a slice of the packed token sequence (see veomni_omni.data.seque
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from veomni.distributed.sequence_parallel import gather_heads_scatter_seq, gather_seq_scatter_heads
 
 from .packed_attention import segment_attention, segment_bounds
 
-ULYSSES_SDPA = "veomni_omni_ulysses_sdpa"
-_vision_group: Optional[torch.distributed.ProcessGroup] = None
-_vision_segments: Optional[list[int]] = None  # host copy of the ViT's cu_seqlens under SP
 _hf_vision_attention = hf.Qwen3OmniMoeVisionAttention.forward  # captured before the patch set is applied
-
-
-def register_attention() -> None:
-    ALL_ATTENTION_FUNCTIONS[ULYSSES_SDPA] = ulysses_sdpa_attention
-
-
-def unregister_attention() -> None:
-    ALL_ATTENTION_FUNCTIONS._local_mapping.pop(ULYSSES_SDPA, None)
 
 
 def ulysses_group():
@@ -47,43 +33,46 @@ def ulysses_group():
     return state.ulysses_group if state.ulysses_enabled else None
 
 
-@contextmanager
-def vision_sequence_parallel(group, segments: list[int]):
-    """ViT attention inside this block treats its input as this rank's slice of the patch sequence,
-    whose images (frames) span the host-side boundaries `segments`."""
-    global _vision_group, _vision_segments
-    previous = _vision_group, _vision_segments
-    _vision_group, _vision_segments = group, segments
-    try:
-        yield
-    finally:
-        _vision_group, _vision_segments = previous
+# ViT keyword argument (it reaches every block's attention, also when gradient checkpointing recomputes
+# a block in backward): the host-side boundaries of the images (frames) in the gathered patch sequence.
+# Its presence says the ViT runs on this rank's slice of the patch sequence.
+VISION_SEGMENTS_KWARG = "sequence_parallel_segments"
 
 
-def vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
-    """HF's ViT attention; under SP (inside `vision_sequence_parallel`) q/k/v gather the patch
+def vision_attention_forward(
+    self,
+    hidden_states: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_seqlen: int | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """HF's ViT attention; under SP (`sequence_parallel_segments` given) q/k/v gather the patch
     sequence and scatter heads before attention, and the output goes back the same way."""
-    if _vision_group is None:
+    segments = kwargs.pop(VISION_SEGMENTS_KWARG, None)
+    if segments is None:
         return _hf_vision_attention(self, hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
+    group = ulysses_group()
     seq_length = hidden_states.shape[0]
     query, key, value = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
     query, key = hf.apply_rotary_pos_emb_vision(query, key, cos, sin)
-    query, key, value = (gather_seq_scatter_heads(t, seq_dim=0, head_dim=1, group=_vision_group) for t in (query, key, value))
-    out = segment_attention(*(t.transpose(0, 1).unsqueeze(0) for t in (query, key, value)), _vision_segments, self.scaling, False)
-    out = gather_heads_scatter_seq(out[0].transpose(0, 1), head_dim=1, seq_dim=0, group=_vision_group)
+    query, key, value = (gather_seq_scatter_heads(t, seq_dim=0, head_dim=1, group=group) for t in (query, key, value))
+    out = segment_attention(*(t.transpose(0, 1).unsqueeze(0) for t in (query, key, value)), segments, self.scaling, False)
+    out = gather_heads_scatter_seq(out[0].transpose(0, 1), head_dim=1, seq_dim=0, group=group)
     return self.proj(out.reshape(seq_length, -1).contiguous())
 
 
 def ulysses_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Text attention for CPU (and any device) under Ulysses SP: (B, H, S/sp, D) slices in,
-    varlen causal attention over the packed samples (`cu_seq_lens_q`), (B, S/sp, H, D) out."""
+    """Text attention for CPU (and any device) under Ulysses SP, what "sdpa" resolves to there
+    (packed_attention): (B, H, S/sp, D) slices in, varlen causal attention over the packed samples
+    (`cu_seq_lens_q`), (B, S/sp, H, D) out."""
     from veomni.ops.kernels.attention.ulysses import prepare_ulysses_qkv
 
     group = ulysses_group()
     bounds = segment_bounds(kwargs)  # of the whole packed row, which the all-to-all below gathers
     if group is None or bounds is None:
-        raise ValueError(f"{ULYSSES_SDPA} needs Ulysses SP and a packed batch's boundaries (cu_seq_lens_host or cu_seq_lens_q)")
+        raise ValueError("Ulysses sdpa attention needs Ulysses SP and a packed batch's boundaries (cu_seq_lens_host or cu_seq_lens_q)")
     sp_size = torch.distributed.get_world_size(group)
     query, key, value, _ = prepare_ulysses_qkv(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), group=group, ulysses_size=sp_size
@@ -150,6 +139,10 @@ def sequence_parallel_forward(self, input_ids, position_ids, sp_inputs, pixel_va
     group = ulysses_group()
     if group is None:
         raise ValueError("sp_inputs given but VeOmni's parallel state has no Ulysses group")
+    if sp_inputs.get("problems"):  # found by the collator (shard_collated_batch), which does not raise in a DataLoader
+        from ..data.checks import BadInputError
+
+        raise BadInputError("; ".join(sp_inputs["problems"]))
     inputs_embeds = self.get_input_embeddings()(input_ids)
     distributed = encoders_must_run()
 
@@ -163,17 +156,14 @@ def sequence_parallel_forward(self, input_ids, position_ids, sp_inputs, pixel_va
 
     # Vision: this rank's patch slice through the ViT (Ulysses attention), then fill-back by all-to-all.
     visual_pos_masks, deepstack = None, None
-    merge_area = self.visual.spatial_merge_size**2  # the dummy image of each rank is one segment
-    segments = sp_inputs.get("vision_segments") or list(range(0, merge_area * sp_inputs["sp_size"] + 1, merge_area))
-    with vision_sequence_parallel(group, segments):
-        if pixel_values is not None:
-            vision_kwargs = dict(sp_inputs["vision_kwargs"])
-            out = self.visual(pixel_values.type(self.visual.dtype), return_dict=True, **vision_kwargs)
-            inputs_embeds = fill_back_visual(inputs_embeds, out.pooler_output, sp_inputs, group)
-            visual_pos_masks = sp_inputs["visual_local_positions"]  # positions, not a mask: see deepstack_process
-            deepstack = deepstack_rows(out.deepstack_features, sp_inputs, group)
-        elif distributed:
-            inputs_embeds = inputs_embeds + dummy_vision_forward(self.visual, sp_size=sp_inputs["sp_size"]).to(inputs_embeds.dtype)
+    if pixel_values is not None:
+        vision_kwargs = {**sp_inputs["vision_kwargs"], VISION_SEGMENTS_KWARG: sp_inputs["vision_segments"]}
+        out = self.visual(pixel_values.type(self.visual.dtype), return_dict=True, **vision_kwargs)
+        inputs_embeds = fill_back_visual(inputs_embeds, out.pooler_output, sp_inputs, group)
+        visual_pos_masks = sp_inputs["visual_local_positions"]  # positions, not a mask: see deepstack_process
+        deepstack = deepstack_rows(out.deepstack_features, sp_inputs, group)
+    elif distributed:
+        inputs_embeds = inputs_embeds + dummy_vision_forward(self.visual, sp_size=sp_inputs["sp_size"]).to(inputs_embeds.dtype)
 
     lm_keys = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "cu_seq_lens_host")
     lm_kwargs = {k: kwargs[k] for k in lm_keys if k in kwargs}

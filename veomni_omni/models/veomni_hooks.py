@@ -6,7 +6,10 @@ carries these hooks; HF's classes do not. Each is added to the HF classes by the
 - `get_position_id_func()`: the trainer hands it to the data transform, which computes each sample's
   3-axis M-RoPE positions on the host (HF's own `get_rope_index`).
 - `get_extra_collate_infos()`: how VeOmni's packing collator concatenates the audio inputs (VeOmni's
-  flat layout: `input_features` (frames, mel) of all clips + `audio_feature_lengths`).
+  flat layout: `input_features` (frames, mel) of all clips + `audio_feature_lengths`), and what its SP
+  collator must leave whole for our SP shard (input ids padded but not sliced, pixels and audio untouched).
+- `get_metadata_collate_func()`: under Ulysses SP, the hook VeOmni's SP collator calls last on every
+  micro batch; ours turns its output into this rank's SP shard (`SequenceParallelShard`).
 - `thinker.visual` / `thinker.audio_tower`: 5.9 kept the encoders on the thinker; 5.22 moved them to
   `thinker.model`. VLMTrainer's freezing code (`freeze_vit`, `freeze_audio_tower`) reads the old names.
 """
@@ -54,15 +57,55 @@ def get_position_id_func(self) -> RopePositionIds:
     return RopePositionIds(self.config)
 
 
-# VeOmni's DataCollateInfo fields: (pack_dim, sp_slice, sp_pad_value, sp_pad_scale).
-AUDIO_COLLATE_INFOS = {
+# VeOmni's DataCollateInfo fields: (pack_dim, sp_slice, sp_pad_value, sp_pad_scale). Without SP only
+# pack_dim matters. Under SP VeOmni's defaults slice pixel_values and pixel_values_videos each on their
+# own (the joint image+video patch sequence is what the ViT shards), would slice the flat audio frames,
+# and slice input_ids, whose whole length the media masks need: `shard_collated_batch` does those.
+EXTRA_COLLATE_INFOS = {
+    "input_ids": (-1, False, 0, 1),
+    "pixel_values": (0, False, None, None),
+    "pixel_values_videos": (0, False, None, None),
     "input_features": (0, False, None, None),
     "audio_feature_lengths": (0, False, None, None),
 }
 
 
 def get_extra_collate_infos(self) -> dict:
-    return dict(AUDIO_COLLATE_INFOS)
+    return dict(EXTRA_COLLATE_INFOS)
+
+
+class SequenceParallelShard:
+    """Picklable (DataLoader workers) hook in VeOmni's MetadataCollateFunc convention, `(batch, sp_pad)`,
+    in place: VeOmni's SP collator output → this rank's SP shard (`shard_collated_batch`). The SP rank
+    is fixed when the trainer builds its collator, as VeOmni's own SP collator fixes it."""
+
+    def __init__(self, config, sp_size: int, sp_rank: int):
+        from ..data.sequence_parallel import check_divisible_heads
+
+        self.config = getattr(config, "thinker_config", config)
+        self.sp_size, self.sp_rank = sp_size, sp_rank
+        check_divisible_heads(self.config, sp_size)
+
+    def __call__(self, batch: dict, sp_pad: dict) -> None:
+        from ..data.sequence_parallel import shard_collated_batch
+
+        if any(sp_pad.values()):
+            raise ValueError(f"VeOmni's SP collator padded {sp_pad} pixel rows: the collate infos of "
+                             "veomni_omni.models.veomni_hooks.EXTRA_COLLATE_INFOS were overridden")
+        shard_collated_batch(batch, self.config, self.sp_size, self.sp_rank)
+
+
+def get_metadata_collate_func(self) -> Optional[SequenceParallelShard]:
+    """VeOmni's trainer asks once, when it builds its collator (parallel state set up): the SP shard
+    hook under Ulysses SP, nothing otherwise (VeOmni then calls none)."""
+    from veomni.distributed.parallel_state import get_parallel_state
+
+    state = get_parallel_state()
+    if state.cp_enabled:
+        raise ValueError("context parallelism (train.accelerator.cp_size > 1) is not supported for Qwen3-Omni; use ulysses_size")
+    if not state.ulysses_enabled:
+        return None
+    return SequenceParallelShard(self.config, state.ulysses_size, state.ulysses_rank)
 
 
 def _thinker_visual(self):
