@@ -7,7 +7,7 @@ from veomni.arguments import parser as veomni_parser
 
 from . import config_keys
 from .checkpoint import veomni_io, veomni_resume
-from .models import audio_tower, init, moe, packed_attention, sequence_parallel, thinker, veomni_hooks
+from .models import audio_tower, init, kernels, moe, packed_attention, sequence_parallel, thinker, veomni_hooks
 from .parallel import plan
 from .patching import Patch
 
@@ -280,5 +280,50 @@ PATCHES = (
         "chunk's last frames: a clip shorter than one chunk encoded differently next to others (packed micro batches). "
         "Each chunk is zero-padded at the width HF gives it when its clip is encoded alone",
         test="tests/test_audio_tower.py",
+    ),
+    Patch(
+        name="text_rms_norm_forward",
+        owner=hf.Qwen3OmniMoeThinkerTextRMSNorm,
+        attr="forward",
+        replacement=kernels.rms_norm_forward,
+        fingerprint="d676bfe9af0e524d",
+        why="VeOmni's rms_norm_implementation (Liger RMSNorm) reached only its generated models' OpSlots; here it runs the kernel VeOmni resolves",
+        test="tests/test_kernels.py",
+    ),
+    Patch(
+        name="text_final_rms_norm_forward",
+        owner=hf.Qwen3OmniMoeTextRMSNorm,
+        attr="forward",
+        replacement=kernels.rms_norm_forward,
+        fingerprint="d676bfe9af0e524d",
+        why="the same for the text decoder's final norm (its own class, same code)",
+        test="tests/test_kernels.py",
+    ),
+    Patch(
+        name="text_rotary_pos_emb",
+        owner=hf,
+        attr="apply_rotary_pos_emb",
+        replacement=kernels.apply_rotary_pos_emb,
+        fingerprint="ea234325c15de475",
+        why="VeOmni's rotary_pos_emb_implementation (Liger RoPE, M-RoPE cos/sin included) was ignored on the HF text attention",
+        test="tests/test_kernels.py",
+    ),
+    Patch(
+        name="text_mlp_forward",
+        owner=hf.Qwen3OmniMoeThinkerTextMLP,
+        attr="forward",
+        replacement=kernels.text_mlp_forward,
+        fingerprint="b4e9c2637c7f1172",
+        why="VeOmni's swiglu_mlp_implementation (Liger SwiGLU) was ignored on the dense text MLP (layers in mlp_only_layers)",
+        test="tests/test_kernels.py",
+    ),
+    Patch(
+        name="vision_rotary_pos_emb",
+        owner=hf,
+        attr="apply_rotary_pos_emb_vision",
+        replacement=kernels.apply_rotary_pos_emb_vision,
+        fingerprint="961a1862d6808a5c",
+        why="VeOmni's rotary_pos_emb_vision_implementation (its NPU kernel, the NPU default) was ignored on the ViT attention",
+        test="tests/test_kernels.py",
     ),
 )
