@@ -13,7 +13,7 @@ import veomni_omni
 from veomni_omni.data.checks import BadInputError, check_micro_batch, input_problems, padding_batch
 from veomni_omni.data.media import MediaError
 from veomni_omni.data.samples import MIN_AUDIO_SAMPLES, encode_sample
-from veomni_omni.data.sequence_parallel import pack_rows, shard_for_sequence_parallel
+from veomni_omni.data.sequence_parallel import pack_rows, shard_collated_batch, shard_for_sequence_parallel
 from veomni_omni.testing import TOKENS, build_batch, loss_and_grads, parity_errors, run_ranks, tiny_thinker_config
 
 WORKER = str(Path(__file__).parent / "dist" / "bad_input.py")
@@ -73,6 +73,32 @@ def test_sequence_parallel_collator_refuses_mismatch():
     packed = pack_rows(one_placeholder_short(build_batch([ALL_MEDIA], with_position_ids=True), "video"))
     with pytest.raises(BadInputError, match="sample packed: video: 7 placeholder tokens in input_ids, 8 encoder outputs"):
         shard_for_sequence_parallel(packed, config, 2, 0)
+
+
+def test_veomni_sequence_parallel_hook_carries_the_mismatch_to_the_forward(tiny_thinker, patched):
+    """The hook VeOmni's SP collator calls runs inside a DataLoader: it records the problem in the
+    shard (the main job's step check raises it on every rank) and the SP forward raises it."""
+    model, _ = tiny_thinker
+    packed = pack_rows(one_placeholder_short(build_batch([ALL_MEDIA], with_position_ids=True), "audio"))
+    length = packed["input_ids"].shape[1]
+    pad = length % 2
+    frames = packed["feature_attention_mask"].sum(-1)
+    batch = {  # what VeOmni's SP collator hands the hook, with veomni_omni's collate infos
+        "input_ids": torch.nn.functional.pad(packed["input_ids"], (0, pad)),
+        "labels": packed["labels"][:, : (length + pad) // 2],
+        "position_ids": packed["position_ids"].transpose(0, 1)[..., : (length + pad) // 2],
+        "cu_seq_lens_q": torch.cat([packed["cu_seq_lens"], torch.tensor([length + pad])]) if pad else packed["cu_seq_lens"],
+        "input_features": torch.cat([clip[:, :n].T for clip, n in zip(packed["input_features"], frames.tolist())]),
+        "audio_feature_lengths": frames,
+        **{k: packed[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")},
+    }
+    shard_collated_batch(batch, model.config, 2, 0)
+    assert batch["sp_inputs"]["problems"] == ["sample packed: audio: 15 placeholder tokens in input_ids, 16 encoder outputs "
+                                              "expected from audio_feature_lengths (mel frames per clip [120])"]
+    assert not {"input_features", "pixel_values_videos", "image_grid_thw"} & batch.keys(), "media left in the shard"
+    batch.pop("labels")
+    with pytest.raises(BadInputError, match="audio: 15 placeholder tokens in input_ids, 16 encoder outputs"), torch.no_grad():
+        model(**batch)
 
 
 def test_audio_shorter_than_one_stft_window_is_refused_and_the_shortest_clip_trains(tiny_thinker, patched, tmp_path):
@@ -171,3 +197,9 @@ def test_sequence_parallel_group_without_samples_contributes_nothing(worker_resu
     assert got["loss"] == 0.0 and got["aux_loss"] == 0.0
     bad = [n for n, g in got["grads"].items() if not torch.isfinite(g).all() or g.any()]
     assert got["grads"] and not bad, f"non-zero or non-finite gradients: {bad[:5]}"
+
+
+def test_eager_attention_is_refused_under_sequence_parallelism(worker_results):
+    _, results = worker_results
+    assert results["eager_under_sp"] is not None, "eager attention ran on sequence slices"
+    assert "attn_implementation='eager' under Ulysses SP" in results["eager_under_sp"]

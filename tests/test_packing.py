@@ -210,3 +210,24 @@ def test_varlen_sdpa_is_block_diagonal_causal_attention(with_mask):
     torch.testing.assert_close(out, ref)
     single, _ = varlen_sdpa_attention(_Attention(), query, key, value, None, scaling=0.3, cu_seq_lens_q=torch.tensor([0, 20]))
     assert torch.equal(single, sdpa_attention_forward(_Attention(), query, key, value, None, scaling=0.3)[0])
+
+
+def test_veomni_sequence_parallel_attention_does_ulysses_only_in_the_text_decoder():
+    """VeOmni's `*_with_sp` attentions run Ulysses all-to-alls inside; only the thinker's text attention
+    sees a slice of the sequence (the audio tower encodes each rank's own windows, the ViT gathers itself)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
+
+    from veomni_omni.models.packed_attention import encoders_skip_ulysses
+
+    resolved = ALL_ATTENTION_FUNCTIONS.get_interface("veomni_flash_attention_2_with_sp", None)
+    assert resolved.func is encoders_skip_ulysses and resolved.args == (ALL_ATTENTION_FUNCTIONS["veomni_flash_attention_2_with_sp"],)
+    calls = []
+
+    def veomni_attention(module, *args, **kwargs):
+        calls.append((type(module).__name__, kwargs))
+
+    config = tiny_thinker_config()
+    encoders_skip_ulysses(veomni_attention, hf.Qwen3OmniMoeAudioAttention(config.audio_config), None, None, None, None)
+    encoders_skip_ulysses(veomni_attention, hf.Qwen3OmniMoeThinkerTextAttention(config.text_config, layer_idx=0), None, None, None, None)
+    assert calls == [("Qwen3OmniMoeAudioAttention", {"skip_ulysses": True}), ("Qwen3OmniMoeThinkerTextAttention", {})]

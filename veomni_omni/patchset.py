@@ -237,7 +237,8 @@ PATCHES = (
         fingerprint="5c12a08a6f62f3b6",
         why="VeOmni packs a micro batch into one row (all-ones mask + flash-attn's cu_seq_lens_*), which sdpa and eager ignore: "
         "packed samples attended to each other. Where attention implementations are resolved, 'sdpa' becomes per-segment "
-        "causal sdpa when a row holds several samples (HF's own otherwise) and 'eager' refuses such a row",
+        "causal sdpa when a row holds several samples (HF's own otherwise) and 'eager' refuses such a row; under Ulysses SP "
+        "'sdpa' in the text decoder is the Ulysses varlen sdpa, 'eager' is refused there, VeOmni's *_with_sp kernels skip Ulysses elsewhere",
         test="tests/test_packing.py",
     ),
     Patch(

@@ -42,6 +42,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 import veomni_omni  # noqa: F401  (patch set + registry hand-over, before VeOmni builds anything)
 from veomni.arguments import parse_args
+from veomni.distributed.parallel_state import get_parallel_state
 from veomni.trainer.vlm_trainer import VeOmniVLMArguments, VLMTrainer
 
 from .data.checks import IGNORE_INDEX, input_problems, raise_on_problems
@@ -247,7 +248,9 @@ class OmniTrainer(VLMTrainer):
         )
         self.skipped_before = SkipCounter.total
         dist.all_reduce(counts)
-        loss_value = counts[0].item()  # each rank's loss is its share of the global token mean
+        # Each rank's loss is its share of the global token mean times the FSDP size (VeOmni's mean_global_loss
+        # multiplies by it for FSDP's gradient averaging); under SP each rank holds its slice's share.
+        loss_value = counts[0].item() / get_parallel_state().fsdp_size
         tokens = {m: int(v) for m, v in zip(MODALITIES, counts[1:5].tolist())}
         skipped = int(counts[5])
         self.skipped_total += skipped
@@ -292,8 +295,6 @@ class OmniTrainer(VLMTrainer):
         """Held-out accuracy per modality: a sample is right when the argmax at every answer position
         (labels other than the end-of-turn token) is the answer token — what greedy decoding produces.
         Each data-parallel rank scores every dp-th sample; every rank runs the same number of forwards."""
-        from veomni.distributed.parallel_state import get_parallel_state
-
         state = get_parallel_state()
         dp_size, dp_rank = state.dp_size, state.dp_rank
         model, transform = self.base.model, self.base.data_transform

@@ -85,6 +85,13 @@ def main():
     out.loss.backward()
     results["empty_sp_group"] = {"loss": out.loss.item(), "aux_loss": out.aux_loss.item(), "grads": full_gradients(model)}
 
+    model.config.get_text_config()._attn_implementation = "eager"  # would attend within each rank's slice
+    try:
+        model(**shard, use_cache=False)
+        results["eager_under_sp"] = None
+    except ValueError as error:
+        results["eager_under_sp"] = str(error)
+
     if rank == 0:
         torch.save(results, out_file)
     dist.barrier()

@@ -1,6 +1,8 @@
 """sp: Ulysses sequence parallelism — fill-back memory, audio-encoder work, host syncs.
 
-Side by side in one run, for SP=2 and SP=4 (gloo on CPU, one torchrun group per SP size):
+Side by side in one run, for SP=2 and SP=4 (gloo on CPU, one torchrun group per SP size), each rank's
+micro batch made as VeOmni's trainer makes it (VeOmni's MainCollator: packing, its SP collator, the
+model's SP shard hook):
 - fill-back memory: peak bytes allocated per rank while filling the ViT outputs into the sliced
   embeddings (forward and backward), veomni_omni's all-to-all (sequence × hidden/sp) versus an
   all-gather fill-back (every rank builds the full sequence × hidden, as VeOmni 0.1.12 does),
@@ -28,37 +30,6 @@ from .common import base_parser, emit, format_table, machine_info
 SP_SIZES = (2, 4)
 
 
-def audio_work(sp_size: int, quick: bool) -> dict:
-    """FLOPs of the audio tower for the busiest rank vs for all audio of the batch."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-    from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
-
-    from veomni_omni.data.sequence_parallel import pack_rows, shard_for_sequence_parallel
-    from veomni_omni.testing import build_batch, tiny_thinker_config
-
-    config = tiny_thinker_config()
-    model = Qwen3OmniMoeThinkerForConditionalGeneration(config).eval()
-    clips = (1200, 3100) if quick else (3000, 4500, 1800, 6000)  # mel frames (100 per second)
-    rows = [[("prompt", 3), ("audio", frames), ("text", 5)] for frames in clips]
-    batch = build_batch(rows, config, with_position_ids=True)
-    packed = pack_rows(batch)
-
-    def flops(fn) -> int:
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            fn()
-        return counter.get_total_flops()
-
-    everything = flops(lambda: model.model.get_audio_features(batch["input_features"], batch["feature_attention_mask"]))
-    per_rank = []
-    for rank in range(sp_size):
-        shard = shard_for_sequence_parallel(packed, config, sp_size, rank)["sp_inputs"]
-        tower_kwargs = shard.get("audio_tower_kwargs")
-        per_rank.append(flops(lambda: model.model.audio_tower(None, **tower_kwargs)) if tower_kwargs else 0)
-    return {"all_audio_flops": everything, "per_rank_flops": per_rank, "ratio": max(per_rank) / everything}
-
-
 def _ours(syncs: dict) -> int:
     """Syncs made by veomni_omni's own code (the SP machinery), in either phase."""
     return sum(n for site, n in syncs.items() if site.endswith("/veomni_omni"))
@@ -78,7 +49,6 @@ def main(argv=None) -> int:
             out = Path(tmp) / f"sp{sp_size}.json"
             run_ranks(worker, sp_size, [str(out), "--quick" if args.quick else "--full"], timeout_s=600)
             results[sp_size] = json.loads(out.read_text())
-            results[sp_size]["audio"] = audio_work(sp_size, args.quick)
 
     rows = []
     for sp_size, r in results.items():

@@ -1,5 +1,6 @@
-"""torchrun worker of `python -m veomni_omni.bench sp`: fill-back peak memory and host-sync count
-on this SP group (world = SP size). argv: out.json --quick|--full"""
+"""torchrun worker of `python -m veomni_omni.bench sp`: fill-back peak memory, host-sync count and
+audio-tower work on this SP group (world = SP size), the micro batches sharded as VeOmni's trainer
+shards them (its MainCollator with the model's hooks). argv: out.json --quick|--full"""
 
 from __future__ import annotations
 
@@ -109,21 +110,32 @@ def fill_back_memory(group, quick: bool) -> dict:
     return {"seq_len": seq_len, "hidden": hidden, "all_to_all_bytes": ours, "all_gather_bytes": baseline, "ratio": ours / baseline}
 
 
-def host_syncs(sp_size: int, rank: int) -> dict:
-    from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
+def veomni_sp_shard(model, rows) -> dict:
+    """This rank's micro batch for `rows` (`build_batch` segments, one sample each) as VeOmni's trainer
+    makes it under Ulysses SP: the samples in VeOmni's layout through VeOmni's MainCollator (packing,
+    its SP collator) with the model's collate infos and SP shard hook."""
+    from veomni.data.data_collator import MainCollator
 
-    from veomni_omni.data.sequence_parallel import pack_rows, shard_for_sequence_parallel
-    from veomni_omni.testing import build_batch, tiny_thinker_config
+    from veomni_omni.data.veomni_transform import veomni_layout
+    from veomni_omni.testing import build_batch
 
-    torch.manual_seed(0)
-    config = tiny_thinker_config(output_router_logits=False)
-    model = Qwen3OmniMoeThinkerForConditionalGeneration(config)
+    features = []
+    for seed, row in enumerate(rows):
+        sample = build_batch([row], model.config, seed=seed, with_position_ids=True)
+        sample = {k: v[0] if k in ("input_ids", "attention_mask", "labels") else v for k, v in sample.items()}
+        sample["position_ids"] = sample["position_ids"][:, 0]
+        features.append(veomni_layout(sample))
+    collator = MainCollator(data_collate_info=model.get_extra_collate_infos(), metadata_collate_func=model.get_metadata_collate_func())
+    return collator(features)
+
+
+def host_syncs(model) -> dict:
     rows = [
         [("prompt", 3), ("image", 1, 4, 6), ("text", 5)],
         [("prompt", 2), ("audio", 350), ("video", 2, 4, 4), ("text", 4)],
         [("prompt", 2), ("audio_in_video", 2, 4, 4, 230), ("text", 5)],
     ]
-    batch = shard_for_sequence_parallel(pack_rows(build_batch(rows, config, with_position_ids=True)), config, sp_size, rank)
+    batch = veomni_sp_shard(model, rows)
     batch.pop("labels")
     counter = HostSyncCounter()
     model.model.language_model.register_forward_pre_hook(lambda *_: setattr(counter, "phase", "decoder"))
@@ -132,23 +144,54 @@ def host_syncs(sp_size: int, rank: int) -> dict:
     return counter.counts
 
 
+def audio_work(model, quick: bool) -> dict:
+    """FLOPs of the audio tower on this rank's SP shard, and (for comparison) of encoding all the
+    batch's audio in one call, as every rank would without SP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from veomni_omni.testing import build_batch
+
+    clips = (1200, 3100) if quick else (3000, 4500, 1800, 6000)  # mel frames (100 per second)
+    rows = [[("prompt", 3), ("audio", frames), ("text", 5)] for frames in clips]
+
+    def flops(fn) -> int:
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            fn()
+        return counter.get_total_flops()
+
+    whole = build_batch(rows, model.config, with_position_ids=True)
+    everything = flops(lambda: model.model.get_audio_features(whole["input_features"], whole["feature_attention_mask"]))
+    tower_kwargs = veomni_sp_shard(model, rows)["sp_inputs"].get("audio_tower_kwargs")
+    mine = flops(lambda: model.model.audio_tower(None, **tower_kwargs)) if tower_kwargs else 0
+    return {"all_audio_flops": everything, "rank_flops": mine}
+
+
 def main():
     import veomni_omni  # noqa: F401
+    from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
     from veomni.distributed.parallel_state import get_parallel_state, init_parallel_state
+
+    from veomni_omni.testing import tiny_thinker_config
 
     out_file, quick = sys.argv[1], sys.argv[2] == "--quick"
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     world = dist.get_world_size()
     init_parallel_state(dp_size=1, ulysses_size=world, dp_mode="fsdp2", device_type="cpu")
     group = get_parallel_state().ulysses_group
-    result = {"memory": fill_back_memory(group, quick), "syncs": host_syncs(world, dist.get_rank())}
+    torch.manual_seed(0)
+    model = Qwen3OmniMoeThinkerForConditionalGeneration(tiny_thinker_config(output_router_logits=False)).eval()
+    result = {"memory": fill_back_memory(group, quick), "syncs": host_syncs(model), "audio": audio_work(model, quick)}
     gathered = [None] * world
     dist.all_gather_object(gathered, result)
     if dist.get_rank() == 0:
         worst = max(gathered, key=lambda r: r["memory"]["ratio"])
         keys = {k for r in gathered for k in r["syncs"]}
         syncs = {k: max(r["syncs"].get(k, 0) for r in gathered) for k in sorted(keys)}  # busiest rank per site
-        json.dump({"memory": worst["memory"], "syncs": syncs}, open(out_file, "w"))
+        per_rank = [r["audio"]["rank_flops"] for r in gathered]
+        everything = gathered[0]["audio"]["all_audio_flops"]
+        audio = {"all_audio_flops": everything, "per_rank_flops": per_rank, "ratio": max(per_rank) / everything}
+        json.dump({"memory": worst["memory"], "syncs": syncs, "audio": audio}, open(out_file, "w"))
     dist.barrier()
     dist.destroy_process_group()
 

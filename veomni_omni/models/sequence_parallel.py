@@ -136,13 +136,13 @@ def sequence_parallel_forward(self, input_ids, position_ids, sp_inputs, pixel_va
     """The thinker model's forward on this rank's slice of a packed sequence (see module docstring)."""
     from .encoders import dummy_audio_forward, dummy_vision_forward, encoders_must_run
 
-    group = ulysses_group()
-    if group is None:
-        raise ValueError("sp_inputs given but VeOmni's parallel state has no Ulysses group")
     if sp_inputs.get("problems"):  # found by the collator (shard_collated_batch), which does not raise in a DataLoader
         from ..data.checks import BadInputError
 
         raise BadInputError("; ".join(sp_inputs["problems"]))
+    group = ulysses_group()
+    if group is None:
+        raise ValueError("sp_inputs given but VeOmni's parallel state has no Ulysses group")
     inputs_embeds = self.get_input_embeddings()(input_ids)
     distributed = encoders_must_run()
 
