@@ -52,7 +52,8 @@ def groups(*names):
 
 
 LAYOUTS = {  # name: (world size, SP size, EP size, cases)
-    "sp2": (2, 2, 1, {name: groups(name) for name in SAMPLES}),
+    "sp2": (2, 2, 1, {**{name: groups(name) for name in SAMPLES},
+                      "image_video_audio with a flash-style ViT": {**groups("image_video_audio"), "vision_attention": "flash_varlen"}}),
     "sp4": (4, 4, 1, {name: groups(name) for name in SAMPLES}),
     "sp2_ep2": (2, 2, 2, {name: groups(name) for name in ("packed_modalities", "straddling_audio", "audio_in_video", "text_only")}),
     "sp2_fsdp2": (4, 2, 1, {
@@ -127,6 +128,8 @@ def test_sequence_parallel_matches_single_process(checkpoint, tmp_path, layout):
 
     worst, failures = 0.0, []
     for name, got in results.items():
+        if cases[name].get("vision_attention") == "flash_varlen":
+            assert got["flash_calls"] >= 1, f"{name}: the ViT under SP did not use the flash-style implementation"
         batch = concat_batches([build_batch(g["rows"], seed=g["seed"], with_position_ids=True) for g in cases[name]["groups"]])
         with veomni_omni.unpatched():
             ref_loss, ref_grads = loss_and_grads(model, batch)

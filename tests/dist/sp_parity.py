@@ -1,6 +1,8 @@
 """torchrun worker: Ulysses SP (× FSDP2) on packed multimodal sequences. Each SP group packs its
 samples into one sequence; the collator-side sharding gives each rank its slice; the loss is
-normalised as VeOmni's trainer does. Rank 0 saves loss and gathered gradients per case.
+normalised as VeOmni's trainer does. Rank 0 saves loss and gathered gradients per case. A case with
+"vision_attention": "flash_varlen" runs the ViT on `flash_varlen_stand_in` (a flash-style varlen
+implementation on CPU: one call per forward with the gathered sequence's boundaries), counting its calls.
 
 argv: checkpoint_dir cases.json out.pt sp_size [ep_size]
 """
@@ -11,6 +13,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from transformers import AttentionInterface
 
 import veomni_omni  # noqa: F401
 from veomni.arguments.arguments_types import MixedPrecisionConfig
@@ -24,6 +28,23 @@ from veomni_omni.host import eager_ops_config
 from veomni_omni.testing import build_batch
 
 from ep_parity import full_gradients  # same directory: FSDP shards gathered, EP slices concatenated
+
+
+FLASH_STAND_IN = "flash_varlen_stand_in"  # "flash" in the name: transformers treats it as a flash implementation
+flash_calls = 0
+
+
+def flash_varlen_stand_in(module, query, key, value, attention_mask, scaling=None, cu_seq_lens_q=None, **kwargs):
+    """What flash-attn's varlen call computes, on CPU: attention within each [cu[i], cu[i+1]) of the
+    (1, heads, seq, dim) inputs; (1, seq, heads, dim) out."""
+    global flash_calls
+    flash_calls += 1
+    bounds = cu_seq_lens_q.tolist()
+    out = torch.cat([
+        F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], scale=scaling)
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ], dim=2)
+    return out.transpose(1, 2), None
 
 
 def main():
@@ -42,6 +63,7 @@ def main():
         mixed_precision=MixedPrecisionConfig(enable=False), enable_reshard_after_forward=True,
     )
     config = model.config
+    AttentionInterface.register(FLASH_STAND_IN, flash_varlen_stand_in)
     experts = model.model.language_model.layers[0].mlp.experts
     assert experts.gate_up_proj.shape[0] == config.text_config.num_experts // ep_size, "experts not sharded over EP"
     results = {}
@@ -52,6 +74,8 @@ def main():
         batch = shard_for_sequence_parallel(packed, config, sp_size, state.sp_rank)
 
         model.zero_grad(set_to_none=True)
+        config.vision_config._attn_implementation = FLASH_STAND_IN if case.get("vision_attention") == "flash_varlen" else "sdpa"
+        calls_before = flash_calls
         tokens = count_loss_token(batch)
         global_tokens = reduce_global_loss_token(tokens)
         loss = model(**batch, use_cache=False).loss
@@ -61,7 +85,7 @@ def main():
         total = loss.detach().clone()
         dist.all_reduce(total)
         if dist.get_rank() == 0:
-            results[name] = {"loss": total.item() / world, "grads": grads}
+            results[name] = {"loss": total.item() / world, "grads": grads, "flash_calls": flash_calls - calls_before}
     if dist.get_rank() == 0:
         torch.save(results, out_file)
     dist.barrier()

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
+from transformers.utils.generic import is_flash_attention_requested
 from veomni.distributed.sequence_parallel import gather_heads_scatter_seq, gather_seq_scatter_heads
 
 from .packed_attention import segment_attention, segment_bounds
@@ -48,7 +50,10 @@ def vision_attention_forward(
     **kwargs,
 ) -> torch.Tensor:
     """HF's ViT attention; under SP (`sequence_parallel_segments` given) q/k/v gather the patch
-    sequence and scatter heads before attention, and the output goes back the same way."""
+    sequence and scatter heads before attention, and the output goes back the same way. The gathered
+    sequence's boundaries are `cu_seqlens` / `max_seqlen` (device) and the segments (host): a flash
+    implementation takes the former in one varlen call, as HF's own ViT does; SDPA (and eager, which
+    only differs from it in returning weights) attends per segment on the host boundaries."""
     segments = kwargs.pop(VISION_SEGMENTS_KWARG, None)
     if segments is None:
         return _hf_vision_attention(self, hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
@@ -57,9 +62,18 @@ def vision_attention_forward(
     query, key, value = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
     query, key = hf.apply_rotary_pos_emb_vision(query, key, cos, sin)
-    query, key, value = (gather_seq_scatter_heads(t, seq_dim=0, head_dim=1, group=group) for t in (query, key, value))
-    out = segment_attention(*(t.transpose(0, 1).unsqueeze(0) for t in (query, key, value)), segments, self.scaling, False)
-    out = gather_heads_scatter_seq(out[0].transpose(0, 1), head_dim=1, seq_dim=0, group=group)
+    query, key, value = (gather_seq_scatter_heads(t, seq_dim=0, head_dim=1, group=group).transpose(0, 1).unsqueeze(0)
+                         for t in (query, key, value))  # (1, heads/sp, patches, head_dim)
+    if is_flash_attention_requested(self.config):
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, None)  # VeOmni's: Ulysses skipped
+        out, _ = attention(
+            self, query, key, value, attention_mask=None, scaling=self.scaling, dropout=0.0,
+            cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen, max_length_k=max_seqlen, is_causal=False,
+        )
+        out = out[0]  # (patches, heads/sp, head_dim)
+    else:
+        out = segment_attention(query, key, value, segments, self.scaling, False)[0].transpose(0, 1)
+    out = gather_heads_scatter_seq(out, head_dim=1, seq_dim=0, group=group)
     return self.proj(out.reshape(seq_length, -1).contiguous())
 
 
