@@ -407,3 +407,23 @@ def test_broken_and_non_media_files_raise_media_error(tmp_path, loader, name, re
         with pytest.raises(MediaError) as info:
             loader(source)
         assert reason in info.value.reason
+
+
+def test_decoding_many_videos_leaves_no_threads_behind(tmp_path):
+    """A training process decodes thousands of videos: each must leave no thread behind (they piled up
+    until thread creation failed with EAGAIN and the job aborted, after ~3000 samples)."""
+    import gc
+    import os
+
+    path = tmp_path / "clip.mp4"
+    _write_video(path, _marked_frames(t=6, h=64, w=64), codec="libx264", pix_fmt="yuv420p", rotation=90)
+    gc.collect()
+    gc.disable()  # as in a training process, where a full collection is rare
+    try:
+        before = len(os.listdir("/proc/self/task"))
+        for _ in range(60):
+            load_video(path)
+        after = len(os.listdir("/proc/self/task"))
+    finally:
+        gc.enable()
+    assert after - before <= 2, f"{after - before} threads left behind by 60 decoded videos"

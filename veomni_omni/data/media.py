@@ -309,11 +309,14 @@ def _display_matrix(frame) -> Optional[np.ndarray]:
     return None
 
 
-def _upright(frame, width: int, height: int, source: Any) -> np.ndarray:
-    """The frame as (H, W, 3) RGB at the stream's first size, turned/mirrored as its display matrix
-    says. FFmpeg's matrix maps a stored pixel (x, y) to the displayed (a·x + c·y, b·x + d·y)."""
-    rgb = frame.to_ndarray(format="rgb24", width=width, height=height)
-    matrix = _display_matrix(frame)
+def _upright(frame, matrix: Optional[np.ndarray], width: int, height: int, source: Any) -> np.ndarray:
+    """The frame as (H, W, 3) RGB at the stream's first size, turned/mirrored as the stream's display
+    matrix says. FFmpeg's matrix maps a stored pixel (x, y) to the displayed (a·x + c·y, b·x + d·y)."""
+    # One swscale thread: a frame whose side data was read sits in a reference cycle with PyAV's side-data
+    # object until the garbage collector's next full pass, and kept its converter's threads with it: a few
+    # per video, thousands after a few thousand samples in a training process, until thread creation
+    # failed (EAGAIN) and the job aborted. The DataLoader's workers are what parallelise decoding.
+    rgb = frame.to_ndarray(format="rgb24", width=width, height=height, threads=1)
     if matrix is None:
         return rgb
     a, b, c, d = (int(v) for v in matrix[[0, 1, 3, 4]])
@@ -322,7 +325,7 @@ def _upright(frame, width: int, height: int, source: Any) -> np.ndarray:
     elif a == 0 and d == 0:  # axes swapped: x' = c·y, y' = b·x
         rgb, flip_rows, flip_cols = rgb.transpose(1, 0, 2), b < 0, c < 0
     else:
-        raise MediaError(source, f"video display matrix rotates by {frame.rotation}°; only quarter turns are supported")
+        raise MediaError(source, f"video display matrix {matrix.tolist()} is not a quarter turn or mirror; only those are supported")
     if flip_rows:
         rgb = rgb[::-1]
     if flip_cols:
@@ -414,7 +417,8 @@ def load_video(
         times, duration = _frame_times(decoded, stream)
         index, rate = _sample_times(times, duration, num_frames, fps, source)
         width, height = decoded[0].width, decoded[0].height
-        upright = {i: _upright(decoded[i], width, height, source) for i in np.unique(index)}
+        matrix = _display_matrix(decoded[0])  # the stream's; read once (see _upright)
+        upright = {i: _upright(decoded[i], matrix, width, height, source) for i in np.unique(index)}
         return Video(np.stack([upright[i] for i in index]), rate)
 
     video = _with_container(source, decode, need="video")
