@@ -93,8 +93,8 @@ def test_guard_fires_when_an_added_attribute_appears_upstream(patched):
 
 
 def test_wrong_fingerprint_is_reported():
-    bad = dataclasses.replace(PATCHES[1], fingerprint="0" * 16)
-    with pytest.raises(veomni_omni.PatchFingerprintError, match="get_placeholder_mask"):
+    bad = dataclasses.replace(PATCHES[0], fingerprint="0" * 16)
+    with pytest.raises(veomni_omni.PatchFingerprintError, match=r"Qwen3OmniMoeThinkerModel\.forward"):
         bad.verify()
 
 

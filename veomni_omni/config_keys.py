@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from typing import Any, Optional
+from typing import Any, Dict, Optional, Type
 
 from veomni.arguments import parser as veomni_parser
 
@@ -28,6 +28,7 @@ _VEOMNI_INSTANTIATE = veomni_parser.__dict__["_instantiate_recursive"]
 assert _VEOMNI_INSTANTIATE.__module__ == veomni_parser.__name__, (
     "veomni_omni.config_keys must be imported before the patch set is applied"
 )
+T = veomni_parser.T  # VeOmni's type variable: the replacement's signature is the original's
 
 __all__ = ["UnknownConfigKeyError", "unknown_keys", "check_config_keys", "instantiate_checked"]
 
@@ -85,7 +86,7 @@ def check_config_keys(cls, config: dict) -> None:
         raise UnknownConfigKeyError(f"{len(problems)} unknown config keys:\n" + "\n".join(f"- {p}" for p in problems))
 
 
-def instantiate_checked(cls, config_dict: Any):
+def instantiate_checked(cls: Type[T], config_dict: Dict[str, Any]) -> T:
     """VeOmni's `_instantiate_recursive`, refusing unknown keys before anything is built.
 
     VeOmni's function calls this one again for each nested section (by its module-level name);

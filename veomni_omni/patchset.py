@@ -4,10 +4,13 @@ Diffs: patches/<name>.diff."""
 
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 from veomni.arguments import parser as veomni_parser
+from veomni.distributed import torch_compile as veomni_torch_compile
+from veomni.distributed import torch_parallelize as veomni_parallelize
+from veomni.trainer import vlm_trainer as veomni_vlm_trainer
 
 from . import config_keys
 from .checkpoint import veomni_io, veomni_resume
-from .models import audio_tower, init, kernels, moe, packed_attention, sequence_parallel, thinker, veomni_hooks
+from .models import audio_tower, init, kernels, moe, packed_attention, sequence_parallel, thinker, veomni_compile, veomni_hooks
 from .parallel import plan
 from .patching import Patch
 
@@ -20,15 +23,6 @@ PATCHES = (
         fingerprint="0566724751925bec",
         why="one ViT pass for images and videos, all placeholder counts checked, encoder outputs filled back in one place",
         test="tests/test_single_process_parity.py",
-    ),
-    Patch(
-        name="thinker_placeholder_mask",
-        owner=hf.Qwen3OmniMoeThinkerModel,
-        attr="get_placeholder_mask",
-        replacement=thinker.placeholder_mask,
-        fingerprint="500be932655fd0db",
-        why="HF checks image and video placeholder counts but never audio",
-        test="tests/test_single_process_parity.py::test_audio_placeholder_mismatch_raises",
     ),
     Patch(
         name="vision_attention_forward",
@@ -326,5 +320,42 @@ PATCHES = (
         fingerprint="961a1862d6808a5c",
         why="VeOmni's rotary_pos_emb_vision_implementation (its NPU kernel, the NPU default) was ignored on the ViT attention",
         test="tests/test_kernels.py",
+    ),
+    Patch(
+        name="compile_model_check",
+        owner=veomni_torch_compile,
+        attr="validate_compile_model",
+        replacement=veomni_compile.validate_compile_model,
+        fingerprint="b7208688662c6f94",
+        why="train.torch_compile refused every multimodal model but dense Qwen3-VL; Qwen3-Omni's thinker decoder layers compile "
+        "whole (fullgraph) under the same contracts, plus output_router_logits off under fullgraph (HF's capture hooks)",
+        test="tests/test_compile.py",
+    ),
+    Patch(
+        name="trainer_compile_model_check",
+        owner=veomni_vlm_trainer,
+        attr="validate_compile_model",
+        replacement=veomni_compile.validate_compile_model,
+        fingerprint="b7208688662c6f94",
+        why="the same check where VLMTrainer calls it (imported by name) before building anything",
+        test="tests/test_compile.py",
+    ),
+    Patch(
+        name="trainer_compile_runtime_check",
+        owner=veomni_vlm_trainer,
+        attr="validate_compile_runtime",
+        replacement=veomni_compile.validate_compile_runtime,
+        fingerprint="f2ccbec0fa8a7a63",
+        why="train.torch_compile refused every device but CUDA; on CPU the decoder layers compile too (FSDP2, no EP, no CUDA graphs kept)",
+        test="tests/test_compile.py",
+    ),
+    Patch(
+        name="parallelize_compile_runtime_check",
+        owner=veomni_parallelize,
+        attr="validate_compile_runtime",
+        replacement=veomni_compile.validate_compile_runtime,
+        fingerprint="f2ccbec0fa8a7a63",
+        why="the same check where VeOmni's FSDP2 wrapping calls it (imported by name) before compiling the blocks",
+        test="tests/test_compile.py",
     ),
 )

@@ -45,6 +45,7 @@ from transformers import PretrainedConfig
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 from transformers.utils import cached_file
 from veomni.models.checkpoint_tensor_loading import ConvertedCheckpointTensor
+from veomni.trainer.callbacks.base import TrainerState
 from veomni.trainer.callbacks.checkpoint_callback import CheckpointerCallback, HuggingfaceCkptCallback
 
 from .hf import save_hf_checkpoint
@@ -208,7 +209,7 @@ def export_hf_checkpoint(trainer, global_step: int) -> Path:
     return path
 
 
-def hf_ckpt_callback_save(self, state, stage: str = "step_end"):
+def hf_ckpt_callback_save(self, state: TrainerState, stage: str = "step_end"):
     """`HuggingfaceCkptCallback._save_checkpoint`: as VeOmni's (a DCP checkpoint of the step unless
     one exists, so every `global_step_N` stays resumable, then the HF export beside it), with the
     export written in the released layout straight from the live sharded model instead of VeOmni's

@@ -41,10 +41,10 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch.distributed as dist
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from veomni.checkpoint import dcp_checkpointer
 from veomni.data.dynamic_batching import DynamicBatchSizeDataLoader
 from veomni.utils import checkpoint_utils
@@ -67,9 +67,21 @@ def _veomni_original(patch_name: str):
     return next(p for p in PATCHES if p.name == patch_name).original()
 
 
-def atomic_dcp_save(cls, path, state, save_async=False, global_steps=None, storage_writer=None, save_to_lowest_rank=False, **kwargs):
+def atomic_dcp_save(
+    cls,
+    path: str,
+    state: Dict[str, Any],
+    save_async: bool = False,
+    global_steps: int = None,
+    storage_writer: Optional[FileSystemWriter] = None,
+    trainable_only: bool = False,
+    save_to_lowest_rank: bool = False,
+    parallel_state=None,
+    stage_dir: Optional[str] = None,
+) -> None:
     """`DistributedCheckpointer.save`: VeOmni's save into a staging directory, published whole."""
     veomni_save = _veomni_original(ATOMIC_SAVE_PATCH).__func__
+    kwargs = dict(trainable_only=trainable_only, parallel_state=parallel_state, stage_dir=stage_dir)
     if save_async or storage_writer is not None or save_to_lowest_rank:
         return veomni_save(
             cls, path, state, save_async=save_async, global_steps=global_steps,
@@ -113,7 +125,7 @@ def incomplete_reason(checkpoint: Path) -> Optional[str]:
     return None
 
 
-def complete_checkpoint_step(checkpoints_dir, entry):
+def complete_checkpoint_step(checkpoints_dir: str, entry: str):
     """`checkpoint_utils._validate_dcp_checkpoint_entry`: VeOmni's name and `.metadata` checks, then
     `incomplete_reason`; the step of a resumable checkpoint, else None."""
     step = _veomni_original(COMPLETE_ONLY_PATCH)(checkpoints_dir, entry)

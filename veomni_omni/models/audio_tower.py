@@ -22,6 +22,8 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
     get_max_seqlen,
     get_valid_indices,
 )
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -69,7 +71,7 @@ def _downsample(tower, padded_feature: torch.Tensor, widths: torch.Tensor) -> to
 
 @merge_with_config_defaults
 @capture_outputs(tie_last_hidden_states=False)
-def audio_encoder_forward(self, input_features=None, feature_lens=None, **kwargs):
+def audio_encoder_forward(self, input_features=None, feature_lens=None, **kwargs: Unpack[TransformersKwargs]):
     """HF's Qwen3OmniMoeAudioEncoder.forward with per-clip conv padding (module doc). Takes HF's
     precomputed chunking kwargs (padded_feature, chunk_lengths, valid_indices, cu_seqlens, max_seqlen)
     and, with them, `chunk_reference_widths` (see `chunk_reference_widths`; default: from feature_lens)."""

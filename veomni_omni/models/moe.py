@@ -17,7 +17,8 @@ VeOmni's fused kernels (Triton / Quack group-GEMM, EP-capable through VeOmni's o
 on CUDA when selected; see `moe_implementation`.
 
 Expert load (tokens routed to each expert, per layer, padding included: that is the compute) is counted
-on device in every forward and read with `expert_load`.
+on device in every forward, into a non-persistent buffer of the experts module (no host sync, no graph
+break under torch.compile), and read with `expert_load`.
 """
 
 from __future__ import annotations
@@ -290,16 +291,34 @@ def dispatch_experts(
 # Expert load statistics
 # ---------------------------------------------------------------------------------------------------
 
-_LOAD_ATTR = "_veomni_omni_expert_load"
+LOAD_BUFFER = "_veomni_omni_expert_load"  # non-persistent: never in a checkpoint
+
+
+@torch.library.custom_op("veomni_omni::record_expert_load", mutates_args=("load",), tags=(torch.Tag.cudagraph_unsafe,))
+def _record_expert_load(load: torch.Tensor, counts: torch.Tensor) -> None:
+    """load += counts, unless this forward is a gradient-checkpointing re-run (it runs inside the
+    backward's graph task): that is the step's routing again, not new tokens. A custom op, so that
+    torch.compile keeps it as one call and the check runs on every call of a compiled graph (a
+    compiled block re-run by checkpointing included) instead of being decided once while tracing;
+    not capturable in a CUDA graph for the same reason."""
+    if torch._C._current_graph_task_id() == -1:
+        load.add_(counts)
+
+
+@_record_expert_load.register_fake
+def _(load: torch.Tensor, counts: torch.Tensor) -> None:
+    return None
 
 
 def _record_load(experts: nn.Module, counts: torch.Tensor) -> None:
-    # A forward re-run by gradient checkpointing (inside backward) is not a new step's routing.
-    if torch._C._current_graph_task_id() != -1:
-        return
-    load = experts.__dict__.get(_LOAD_ATTR)
-    counts = counts.detach()
-    experts.__dict__[_LOAD_ATTR] = counts.clone() if load is None else load + counts
+    # Created at the module's first forward, zeros on its device, whatever built the module (meta device;
+    # from_pretrained, which re-allocates non-persistent buffers uninitialised; before `import veomni_omni`).
+    # Under torch.compile that costs one recompile: the first call is traced without the buffer.
+    load = experts._buffers.get(LOAD_BUFFER)
+    if load is None:
+        load = torch.zeros_like(counts)
+        experts.register_buffer(LOAD_BUFFER, load, persistent=False)
+    _record_expert_load(load, counts.detach())
 
 
 def expert_load(model: nn.Module, group: Optional[dist.ProcessGroup] = None, reset: bool = True) -> Optional[torch.Tensor]:
@@ -311,13 +330,15 @@ def expert_load(model: nn.Module, group: Optional[dist.ProcessGroup] = None, res
     modules = [m for m in model.modules() if isinstance(m, hf.Qwen3OmniMoeThinkerTextExperts)]
     if not modules:
         return None
+    loads = [m._buffers.get(LOAD_BUFFER) for m in modules]
     matrix = torch.stack([
-        m.__dict__.get(_LOAD_ATTR, torch.zeros(m.num_experts, dtype=torch.int64, device=m.gate_up_proj.device))
-        for m in modules
+        torch.zeros(m.num_experts, dtype=torch.int64, device=m.gate_up_proj.device) if load is None else load
+        for m, load in zip(modules, loads)
     ])
     if reset:
-        for m in modules:
-            m.__dict__.pop(_LOAD_ATTR, None)
+        for load in loads:
+            if load is not None:
+                load.zero_()  # in place: the same buffer, nothing for a compiled graph to re-guard
     if group is not None:
         dist.all_reduce(matrix, group=group)
     return matrix

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -62,9 +63,9 @@ def segment_attention(query, key, value, bounds: list[int], scaling, causal: boo
 
 
 def segment_mask(cu_seq_lens: torch.Tensor, length: int, causal: bool, attention_mask=None) -> torch.Tensor:
-    """(1, 1, S, S) bool: query i may see key j when both lie in the same [cu[k], cu[k+1]) segment (and
-    j <= i if causal), and-ed with a 4-D bool `attention_mask` (which then carries the causality itself,
-    as in `segment_attention`). On device: no host sync."""
+    """Bool mask for SDPA, (1, 1, S, S): query i may see key j when both lie in the same [cu[k], cu[k+1])
+    segment (and j <= i if causal); with a 4-D bool `attention_mask` (B, 1, S, S), and-ed with it (it then
+    carries the causality itself, as in `segment_attention`). On device: no host sync."""
     positions = torch.arange(length, device=cu_seq_lens.device)
     segment = torch.bucketize(positions, cu_seq_lens, right=True)
     allowed = segment[:, None] == segment[None, :]
@@ -177,7 +178,7 @@ def encoders_skip_ulysses(sequence_parallel_attention, module, *args, **kwargs):
     return sequence_parallel_attention(module, *args, **kwargs)
 
 
-def get_interface(self, attn_implementation: str, default):
+def get_interface(self, attn_implementation: str, default: Callable) -> Callable:
     """HF's resolution of `attn_implementation`, with sdpa and eager made safe for packed batches and
     Ulysses SP, and VeOmni's SP attentions kept to the text decoder."""
     interface = _hf_get_interface(self, attn_implementation, default)

@@ -193,7 +193,7 @@ def sequence_parallel_forward(self, input_ids, position_ids, sp_inputs, pixel_va
     )
 
 
-def deepstack_process(self, hidden_states, visual_pos_masks, visual_embeds):
+def deepstack_process(self, hidden_states: torch.Tensor, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor):
     """HF's deepstack add; `visual_pos_masks` may also be the (batch-flattened) positions of the
     visual tokens, as the SP forward passes them: an index add needs no device-to-host sync."""
     visual_embeds = visual_embeds.to(hidden_states.device, hidden_states.dtype)

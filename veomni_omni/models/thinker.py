@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from transformers.modeling_outputs import MoeModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPooling, MoeModelOutputWithPast
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf_modeling
 from transformers.utils import can_return_tuple
 
@@ -14,21 +14,22 @@ from .encoders import dummy_audio_forward, dummy_vision_forward, encode_audio, e
 
 
 def placeholder_mask(
-    self,
+    thinker_model,
     input_ids: Optional[torch.LongTensor],
     inputs_embeds: torch.Tensor,
     image_features: Optional[torch.Tensor] = None,
     video_features: Optional[torch.Tensor] = None,
     audio_features: Optional[torch.Tensor] = None,
 ):
-    """HF's placeholder masks, (B, S, 1) each, with the token/feature count checked for every
-    modality given features (HF never checks audio, so a mismatch scattered garbage)."""
-    token_ids = {"image": self.config.image_token_id, "video": self.config.video_token_id, "audio": self.config.audio_token_id}
+    """The masks of HF's `get_placeholder_mask`, (B, S, 1) each, with the token/feature count checked for
+    every modality given features (HF's never checks audio, so a mismatch scattered garbage)."""
+    config = thinker_model.config
+    token_ids = {"image": config.image_token_id, "video": config.video_token_id, "audio": config.audio_token_id}
     features = {"image": image_features, "video": video_features, "audio": audio_features}
     masks = []
     for modality, token_id in token_ids.items():
         if input_ids is None:
-            token_embed = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+            token_embed = thinker_model.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
             mask = (inputs_embeds == token_embed).all(-1)
         else:
             mask = input_ids == token_id
@@ -83,9 +84,9 @@ def thinker_model_forward(
     output_router_logits: Optional[bool] = None,
     use_audio_in_video=None,
     video_second_per_grid=None,
-    mm_encoder_outputs=None,
+    mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
     **kwargs,
-) -> MoeModelOutputWithPast:
+) -> tuple | MoeModelOutputWithPast:
     if output_router_logits is None:
         output_router_logits = self.config.text_config.output_router_logits
     if position_ids is not None and position_ids.ndim == 3 and position_ids.shape[1] in (3, 4) and position_ids.shape[0] not in (3, 4):
@@ -125,7 +126,8 @@ def thinker_model_forward(
         inputs_embeds = inputs_embeds + dummy_vision_forward(self.visual).to(inputs_embeds.dtype)
 
     # 2. Fill encoder outputs into their placeholder positions (counts checked for all modalities).
-    image_mask, video_mask, audio_mask = self.get_placeholder_mask(
+    image_mask, video_mask, audio_mask = placeholder_mask(
+        self,
         input_ids,
         inputs_embeds,
         image_features=vision.image_embeds if vision else None,
@@ -196,12 +198,19 @@ def _zero_without_targets(loss: torch.Tensor, labels: torch.Tensor, shift_labels
     return torch.where((targets != -100).any(), loss, torch.zeros_like(loss))
 
 
-def _padding_only(attention_mask: Optional[torch.Tensor], sp_inputs: Optional[dict]) -> bool:
-    """Whether the batch holds no token at all (see veomni_omni.data.checks.padding_batch). Under SP
-    the collator says so on the host; otherwise this reads the mask (a host sync outside SP only)."""
+def _balancing_mask(attention_mask: Optional[torch.Tensor], sp_inputs: Optional[dict]):
+    """(mask, any_token): the mask the router balancing loss averages over, and whether the batch holds
+    a token at all (see veomni_omni.data.checks.padding_batch). A padding-only batch averages over its
+    padding instead of over no token (0/0, whose NaN gradient would survive the zeroing), and the caller
+    zeroes that loss. Under SP the collator says so on the host; otherwise it is decided on device (no
+    host sync, no graph break under torch.compile)."""
     if sp_inputs is not None:
-        return sp_inputs["tokens"] == 0
-    return attention_mask is not None and not bool(attention_mask.any())
+        any_token = sp_inputs["tokens"] > 0
+        return (attention_mask if any_token else None), any_token
+    if attention_mask is None:
+        return None, True
+    any_token = attention_mask.any()
+    return torch.where(any_token, attention_mask, torch.ones_like(attention_mask)), any_token
 
 
 def _veomni_loss_installed(loss_function) -> bool:
@@ -230,9 +239,9 @@ def thinker_causal_lm_forward(
     output_router_logits: Optional[bool] = None,
     use_audio_in_video=None,
     video_second_per_grid=None,
-    mm_encoder_outputs=None,
+    mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
     **kwargs,
-):
+) -> tuple | hf_modeling.Qwen3OmniMoeThinkerCausalLMOutputWithPast:
     if output_router_logits is None:
         output_router_logits = self.config.text_config.output_router_logits
     outputs = self.model(
@@ -277,12 +286,9 @@ def thinker_causal_lm_forward(
 
     aux_loss = None
     if output_router_logits:
-        no_tokens = _padding_only(attention_mask, kwargs.get("sp_inputs"))
-        aux_loss = hf_modeling.load_balancing_loss_func(
-            outputs.router_logits, self.num_experts, self.num_experts_per_tok, None if no_tokens else attention_mask
-        )
-        if no_tokens:  # the masked mean over no token is 0/0; a padding-only batch balances nothing
-            aux_loss = aux_loss * 0.0
+        mask, any_token = _balancing_mask(attention_mask, kwargs.get("sp_inputs"))
+        aux_loss = hf_modeling.load_balancing_loss_func(outputs.router_logits, self.num_experts, self.num_experts_per_tok, mask)
+        aux_loss = aux_loss * any_token  # a padding-only batch balances nothing
         if labels is not None:
             loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
 
