@@ -8,6 +8,8 @@ message (a rank that raises, a rank that hangs, NaN losses skipped or stopping t
 """
 
 import json
+import re
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,6 +40,8 @@ def _parse(argv: list[str], monkeypatch):
 
     from veomni_omni.train import OmniArguments
 
+    if "WORLD_SIZE" not in os.environ:
+        monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's, for the 2-rank tiny recipe; VeOmni's parser checks the SP size against it
     monkeypatch.setattr(sys, "argv", ["train", *argv])
     return parse_args(OmniArguments)
 
@@ -54,12 +58,12 @@ def test_every_shipped_recipe_has_only_known_keys(path):
 
     recipe = yaml.safe_load(path.read_text())
     assert unknown_keys(OmniArguments, recipe) == []
-    assert recipe["train"]["accelerator"].get("ulysses_size", 1) == 1  # SP through VeOmni's trainer: not yet (README)
 
 
-def test_tiny_recipe_is_the_two_rank_fsdp_ep_demo(monkeypatch):
+def test_tiny_recipe_is_the_two_rank_sp_ep_demo(monkeypatch):
     args = _parse([str(TINY)], monkeypatch)
-    assert args.train.accelerator.ep_size == 2 and args.omni.tiny_model and args.omni.synthetic_data
+    assert args.train.accelerator.ulysses_size == 2 and args.train.accelerator.ep_size == 2
+    assert args.omni.tiny_model and args.omni.synthetic_data
     assert args.train.max_steps == 800 and args.omni.eval_steps == 200
 
 
@@ -81,6 +85,7 @@ def test_gpu_recipes_fit_the_released_model_on_their_ranks(name, world, monkeypa
     eager = [f"--model.ops_implementation.{op}_implementation" for op in (
         "cross_entropy_loss", "rms_norm", "swiglu_mlp", "rotary_pos_emb", "load_balancing_loss", "rms_norm_gated",
         "causal_conv1d", "chunk_gated_delta_rule", "moe")]
+    monkeypatch.setenv("WORLD_SIZE", str(world))
     args = _parse([str(ROOT / "recipes" / name), *[x for op in eager for x in (op, "eager")]], monkeypatch)
     check_layout(args, real_thinker_config(), world)
     assert args.train.gradient_checkpointing.enable and args.train.accelerator.fsdp_config.mixed_precision.enable
@@ -90,14 +95,14 @@ def test_gpu_recipes_fit_the_released_model_on_their_ranks(name, world, monkeypa
 @pytest.mark.parametrize("overrides, world, message", [
     (["--train.accelerator.ep_size", "3", "--train.global_batch_size", "6"], 6, "does not divide the 8 experts; use one of [1, 2]"),
     (["--train.accelerator.ep_size", "4"], 2, "does not divide the 2 ranks"),
-    (["--train.accelerator.ulysses_size", "2"], 2, "not supported yet"),
+    (["--train.accelerator.ulysses_size", "8", "--train.accelerator.ep_size", "1"], 8, "does not divide the text attention heads (4), vision heads (4)"),
 ])
 def test_impossible_layouts_fail_before_anything_is_built(overrides, world, message, monkeypatch):
     from veomni_omni.testing import tiny_thinker_config
     from veomni_omni.train import check_layout
 
     monkeypatch.setenv("WORLD_SIZE", str(world))  # as torchrun sets it; VeOmni's parser reads it
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         check_layout(_parse([str(TINY), *overrides], monkeypatch), tiny_thinker_config(), world)
 
 
@@ -179,8 +184,9 @@ def test_a_rank_that_hangs_times_the_job_out(tmp_path):
 
 def test_nan_loss_is_reported_and_its_update_skipped(tmp_path):
     out = tmp_path / "run"
-    args = ["nan", "1", "3", *_job_args(out, "--train.max_steps", "5", "--omni.plot", "false",
-                                        "--train.checkpoint.save_hf_weights", "false")]
+    # data parallel (no SP), so that the NaN is one rank's: under SP both ranks of the group share its loss
+    args = ["nan", "1", "3", *_job_args(out, "--train.max_steps", "5", "--omni.plot", "false", "--train.checkpoint.save_hf_weights", "false",
+                                        "--train.accelerator.ulysses_size", "1", "--train.global_batch_size", "2")]
     output = run_ranks(FAULTS, 2, args, timeout_s=240)
     assert "injected nan on rank 1" in output
     report = next(line for line in output.splitlines() if "non-finite loss" in line)
