@@ -64,7 +64,7 @@ def test_tiny_recipe_is_the_two_rank_sp_ep_demo(monkeypatch):
     args = _parse([str(TINY)], monkeypatch)
     assert args.train.accelerator.ulysses_size == 2 and args.train.accelerator.ep_size == 2
     assert args.omni.tiny_model and args.omni.synthetic_data
-    assert args.train.max_steps == 800 and args.omni.eval_steps == 200
+    assert args.train.max_steps == 600 and args.omni.eval_steps == 200
 
 
 def test_unknown_keys_fail_with_the_closest_spelling(monkeypatch, tmp_path):
