@@ -23,13 +23,16 @@ tests/test_packing.py).
 """
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from peft import PeftModel
 from PIL import Image
+from safetensors import safe_open
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration, Qwen3OmniMoeThinkerForConditionalGeneration
 
@@ -37,6 +40,8 @@ import veomni_omni
 from veomni_omni.data import synthetic
 from veomni_omni.data.media import save_wav
 from veomni_omni.data.processor import build_tiny_processor
+from veomni.lora import VeOmniLoraConfig, VeOmniLoraModel
+from veomni_omni.checkpoint.lora import is_adapter_param
 from veomni_omni.host import eager_ops_config
 from veomni_omni.testing import (
     PARITY_RTOL,
@@ -84,7 +89,25 @@ LAYOUTS = {
         [AUDIO_STRADDLES, ["audio_in_video", "text", "image"]],
     ]),
     "sp2_ep2": dict(world=2, ep=2, sp=2, gc=False, pack=True, steps=[[IMAGE_STRADDLES], [AUDIO_STRADDLES], [TEXT_ONLY_SLICE]]),
+    # LoRA (`model.lora_config`, VeOmni's native stack): two steps, so that the second sees non-zero B (the first
+    # trains B only: A's gradient is B^T-weighted). `export`: the run ends with the merged HF export and the PEFT adapters.
+    "lora_fsdp2": dict(world=2, ep=1, gc=False, lora=True, steps=[
+        [["text", "image+audio"], ["video", "audio"]],
+        [["image", "audio_in_video"], ["text", "image+audio"]],
+    ]),
+    "lora_ep2": dict(world=2, ep=2, gc=True, lora=True, export=True, steps=[
+        [["text"], ["image+audio"]],
+        [["video"], ["audio"]],
+    ]),
+    "lora_fsdp2_ep2": dict(world=4, ep=2, gc=True, lora=True, export=True, steps=[
+        [["text"], ["image+audio"], ["audio_in_video"], ["image"]],
+        [["audio"], ["video"], ["text"], ["image+audio"]],
+    ]),
 }
+# The LoRA runs' model.lora_config: the text attention, the MoE experts (gate/up/down, per expert), the ViT's fused
+# qkv and the audio tower's fc1 (q/k/v_proj also match the audio tower's attention).
+LORA_CONFIG = {"rank": 4, "alpha": 8, "lora_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "fc1"]}
+LORA_LR = 1.0e-2  # B moves well away from zero in one step: a merge or export that drops an adapter shows
 # The modalities the model must see in a sample of each kind.
 MODALITIES = {
     "text": set(), "image": {"image"}, "audio": {"audio"}, "video": {"video"},
@@ -198,7 +221,7 @@ def write_config(path: Path, checkpoint: Path, data: Path, layout: dict, output_
                 "fsdp_config": {"fsdp_mode": "fsdp2", "mixed_precision": {"enable": True, "param_dtype": "float32", "reduce_dtype": "float32"}},
             },
             "gradient_checkpointing": {"enable": layout["gc"]},
-            "optimizer": {"lr": 1.0e-3, "max_grad_norm": 1.0e9},
+            "optimizer": {"lr": LORA_LR if layout.get("lora") else 1.0e-3, "max_grad_norm": 1.0e9},
             "vit_lr": 1.0e-3,
             "micro_batch_size": micro_batch_size,
             "dyn_bsz": packed,
@@ -206,9 +229,11 @@ def write_config(path: Path, checkpoint: Path, data: Path, layout: dict, output_
             "max_steps": 1 if packed else len(layout["steps"]),
             "num_train_epochs": 1,
             "init_device": "meta",
-            "checkpoint": {"output_dir": str(output_dir), "save_steps": 0, "save_epochs": 0, "save_hf_weights": False},
+            "checkpoint": {"output_dir": str(output_dir), "save_steps": 0, "save_epochs": 0, "save_hf_weights": bool(layout.get("export"))},
         },
     }
+    if layout.get("lora"):
+        config["model"]["lora_config"] = LORA_CONFIG
     path.write_text(yaml.safe_dump(config))
 
 
@@ -226,21 +251,55 @@ def data_parallel_batches(record: dict, layout: dict) -> list:
     return [batches for batches, sp_rank in zip(record["micro_batches"], layout["sp_rank"]) if sp_rank <= 0]
 
 
-def reference_step(thinker_config, record: dict, layout: dict) -> tuple:
-    """Unpatched HF thinker, one process, the step's starting weights, the whole global batch."""
+LORA_PREFIX = "base_model.model."  # VeOmniLoraModel's, on every parameter of the wrapped model
+
+
+def reference_lora_config() -> VeOmniLoraConfig:
+    """LORA_CONFIG for the unpatched HF thinker, written out by hand: the expert adapters by their fused
+    parameters (the patch set's target mapping is not used by the reference)."""
+    experts = "model.language_model.layers.*.mlp.experts"
+    dense = [m for m in LORA_CONFIG["lora_modules"] if m not in ("gate_proj", "up_proj", "down_proj")]
+    return VeOmniLoraConfig(
+        r=LORA_CONFIG["rank"], lora_alpha=LORA_CONFIG["alpha"], target_modules=dense,
+        target_parameters=[f"{experts}.gate_up_proj", f"{experts}.down_proj"], moe_mode="independent",
+    )
+
+
+def reference_thinker(thinker_config, weights: dict, lora: bool):
+    """The unpatched HF thinker (wrapped by VeOmni's LoRA for a LoRA run, its own forwards) holding `weights`,
+    the trained top-level model's. Call inside `veomni_omni.unpatched()`."""
+    model = Qwen3OmniMoeThinkerForConditionalGeneration(thinker_config)
+    if lora:
+        model = VeOmniLoraModel(model, reference_lora_config())
+        weights = {LORA_PREFIX + name.removeprefix(LORA_PREFIX + "thinker."): w for name, w in weights.items()}
+    else:
+        weights = {name.removeprefix("thinker."): w for name, w in weights.items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected and all(name.endswith("lora_scaling") for name in missing), (missing, unexpected)
+    return model
+
+
+def top_level_name(name: str, lora: bool) -> str:
+    return LORA_PREFIX + "thinker." + name.removeprefix(LORA_PREFIX) if lora else f"thinker.{name}"
+
+
+def global_batch(thinker_config, record: dict, layout: dict) -> dict:
     samples = [s for rank in data_parallel_batches(record, layout) for mb in rank for s in unpack_veomni_micro_batch(mb, thinker_config)]
+    return concat_batches(samples)
+
+
+def reference_step(thinker_config, record: dict, layout: dict, lora: bool = False) -> tuple:
+    """Unpatched HF thinker, one process, the step's starting weights, the whole global batch."""
     with veomni_omni.unpatched():
-        model = Qwen3OmniMoeThinkerForConditionalGeneration(thinker_config)
-        weights = {name.removeprefix("thinker."): w for name, w in record["weights"].items()}
-        model.load_state_dict(weights, strict=True)
-        loss, grads = loss_and_grads(model, concat_batches(samples))
-    return loss, {f"thinker.{name}": g for name, g in grads.items()}
+        model = reference_thinker(thinker_config, record["weights"], lora)
+        loss, grads = loss_and_grads(model, global_batch(thinker_config, record, layout))
+    return loss, {top_level_name(name, lora): g for name, g in grads.items()}
 
 
-def step_differences(thinker_config, record: dict, layout: dict, label: str) -> tuple[list[str], float]:
+def step_differences(thinker_config, record: dict, layout: dict, label: str, lora: bool = False) -> tuple[list[str], float]:
     """A recorded step against the reference: failures (loss, grad norm, every gradient) and the
     largest relative gradient difference."""
-    ref_loss, ref_grads = reference_step(thinker_config, record, layout)
+    ref_loss, ref_grads = reference_step(thinker_config, record, layout, lora)
     got_grads = record["grads"]
     # A modality absent from the whole global batch has no reference gradient: ours must be exactly zero.
     ref_grads = {n: (g if g is not None else torch.zeros_like(got_grads[n])) for n, g in ref_grads.items() if g is not None or n in got_grads}
@@ -264,6 +323,8 @@ def check_run(result: dict, layout: dict, thinker_weights: dict, label: str) -> 
         "sp_rank": [r % sp if sp > 1 else -1 for r in range(layout["world"])],
     }, f"{label}: VeOmni did not lay the model out as configured"
     loaded = result["steps"][0]["weights"]
+    if layout.get("lora"):
+        loaded = check_lora_start(result, label)
     assert loaded.keys() == thinker_weights.keys(), f"{label}: the trained thinker's parameters are not the checkpoint's"
     not_loaded = [n for n, w in loaded.items() if not torch.equal(w, thinker_weights[n])]
     assert not not_loaded, f"{label}: VeOmni's loader did not load these from the released-layout checkpoint: {not_loaded[:5]}"
@@ -273,6 +334,29 @@ def check_run(result: dict, layout: dict, thinker_weights: dict, label: str) -> 
                 f"{label} step {step} rank {rank}: encoder forwards {calls} for {len(batches)} micro batches; "
                 "every rank must run each encoder once per micro batch"
             )
+
+
+def base_name(name: str) -> str:
+    """A LoRA model's parameter name -> the base model's (`...q_proj.base_layer.weight` -> `...q_proj.weight`,
+    `...experts.gate_up_proj.base_layer.weight` -> `...experts.gate_up_proj`)."""
+    name = re.sub(r"\.(gate_up_proj|down_proj)\.base_layer\.weight$", r".\1", name.removeprefix(LORA_PREFIX))
+    return name.replace(".base_layer.", ".")
+
+
+def check_lora_start(result: dict, label: str) -> dict:
+    """A LoRA run starts from the checkpoint with fresh adapters (A random, B zero), trains the adapters only,
+    and has them where LORA_CONFIG asks; returns the base weights under the base model's names."""
+    first = result["steps"][0]
+    adapters = {name for name in first["weights"] if is_adapter_param(name)}
+    assert first["grads"].keys() == adapters, f"{label}: trained parameters other than the adapters: {sorted(first['grads'].keys() ^ adapters)[:5]}"
+    for where in (".self_attn.q_proj.", ".self_attn.o_proj.", ".mlp.experts.gate_proj.", ".mlp.experts.up_proj.", ".mlp.experts.down_proj.", ".attn.qkv.", ".fc1."):
+        assert any(where in name for name in adapters), f"{label}: no adapter on {where!r}"
+    expert_a = next(w for name, w in first["weights"].items() if ".mlp.experts.gate_proj.lora_A." in name)
+    assert expert_a.ndim == 3, f"{label}: expert adapters are not per expert: {tuple(expert_a.shape)}"
+    for name in adapters:
+        weight = first["weights"][name]
+        assert (weight.abs().sum() > 0) == (".lora_A." in name), f"{label}: {name} at the start: A must be random, B zero"
+    return {base_name(name): w for name, w in first["weights"].items() if name not in adapters}
 
 
 def sp_coverage(result: dict, sp: int, thinker_config) -> set:
@@ -332,7 +416,61 @@ def test_veomni_trainer_matches_single_process_hf(checkpoint, tmp_path, name):
     for run, result in results.items():
         check_run(result, layout, thinker_weights, run)
         for step, record in enumerate(result["steps"], start=1):
-            errors, worst[f"{run} step {step}"] = step_differences(thinker_config, record, result["layout"], f"{run} step {step}")
+            errors, worst[f"{run} step {step}"] = step_differences(
+                thinker_config, record, result["layout"], f"{run} step {step}", lora=bool(layout.get("lora"))
+            )
             failures += errors
     print(f"VeOmni trainer, {name}: largest relative gradient difference " + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
     assert not failures, "\n".join(failures[:20])
+    if layout.get("lora"):
+        check_zero_adapters_are_the_base(thinker_config, planned["steps"][0], planned["layout"], thinker_weights)
+    if layout.get("export"):
+        check_lora_export(checkpoint, thinker_config, planned, tmp_path / "planned", len(layout["steps"]))
+
+
+def check_zero_adapters_are_the_base(thinker_config, record: dict, layout: dict, thinker_weights: dict) -> None:
+    """With every B at zero (the first step's start) the LoRA model's loss is the base model's, bit for bit."""
+    batch = global_batch(thinker_config, record, layout)
+    with veomni_omni.unpatched(), torch.no_grad():
+        lora_loss = reference_thinker(thinker_config, record["weights"], lora=True)(**batch).loss
+        base_loss = reference_thinker(thinker_config, thinker_weights, lora=False)(**batch).loss
+    assert torch.equal(lora_loss, base_loss), f"zero adapters: loss {lora_loss.item()} vs the base model's {base_loss.item()}"
+
+
+def check_lora_export(checkpoint: Path, thinker_config, result: dict, output_dir: Path, steps: int) -> None:
+    """The end of a LoRA run: the merged export (released layout, plain transformers) and the PEFT adapters
+    (peft on the plain transformers model, per-expert adapters converted by peft onto 5.22's fused experts)
+    give the trained adapter model's logits; the merged export changes exactly the adapted tensors."""
+    step_dir = output_dir / "checkpoints" / f"global_step_{steps}"
+    batch = global_batch(thinker_config, result["steps"][-1], result["layout"])
+    with veomni_omni.unpatched(), torch.no_grad():
+        want = reference_thinker(thinker_config, result["final_weights"], lora=True)(**batch).logits
+        merged = Qwen3OmniMoeForConditionalGeneration.from_pretrained(step_dir / "hf_ckpt", dtype=torch.float32)
+        base = Qwen3OmniMoeForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+        with_adapters = PeftModel.from_pretrained(base, step_dir / "lora_adapter")
+        got = {"merged export": merged.thinker(**batch).logits, "PEFT adapters": with_adapters.base_model.model.thinker(**batch).logits}
+    for what, logits in got.items():
+        error = ((logits - want).abs().max() / want.abs().max()).item()
+        print(f"LoRA export: {what} logits vs the trained adapter model, relative {error:.2e}")
+        assert error <= PARITY_RTOL, f"{what}: logits differ from the trained adapter model's by {error:.2e} (relative)"
+
+    adapter = read_state(step_dir / "lora_adapter")
+    # The exported update of each adapted weight; zero for an expert no token was routed to (its B never moved).
+    adapted = {
+        key.removeprefix(LORA_PREFIX).replace(".lora_B.weight", ".weight"): bool(b.abs().sum() > 0)
+        for key, b in adapter.items() if key.endswith(".lora_B.weight")
+    }
+    assert any(".mlp.experts.0.gate_proj." in key for key in adapted), f"no per-expert adapters exported: {sorted(adapted)[:5]}"
+    before, after = read_state(checkpoint), read_state(step_dir / "hf_ckpt")
+    assert before.keys() == after.keys(), f"merged export keys differ from the released checkpoint's: {sorted(before.keys() ^ after.keys())[:5]}"
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    updated = {key for key, moved in adapted.items() if moved}
+    assert changed == updated, f"merged export: changed without an update {sorted(changed - updated)[:5]}, updated but unchanged {sorted(updated - changed)[:5]}"
+
+
+def read_state(path: Path) -> dict:
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            tensors.update({key: f.get_tensor(key) for key in f.keys()})
+    return tensors

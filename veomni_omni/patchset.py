@@ -6,6 +6,7 @@ from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 from veomni.arguments import parser as veomni_parser
 from veomni.distributed import torch_compile as veomni_torch_compile
 from veomni.distributed import torch_parallelize as veomni_parallelize
+from veomni.lora import moe_layers as veomni_moe_lora
 from veomni.trainer import vlm_trainer as veomni_vlm_trainer
 
 from . import config_keys
@@ -206,6 +207,35 @@ PATCHES = (
         test="tests/test_checkpoint_veomni.py",
     ),
     Patch(
+        name="omni_lora_targets",
+        owner=hf.Qwen3OmniMoeForConditionalGeneration,
+        attr="_convert_lora_targets_to_parameters",
+        replacement=staticmethod(veomni_hooks.lora_targets_to_parameters),
+        fingerprint=None,
+        why="VeOmni's LoRA set-up maps gate/up/down_proj onto fused experts only through this hook: without it they matched nothing and the experts "
+        "trained no adapters, silently; unmatched names raise",
+        test="tests/test_lora.py",
+    ),
+    Patch(
+        name="thinker_lora_targets",
+        owner=hf.Qwen3OmniMoeThinkerForConditionalGeneration,
+        attr="_convert_lora_targets_to_parameters",
+        replacement=staticmethod(veomni_hooks.lora_targets_to_parameters),
+        fingerprint=None,
+        why="the same for the thinker trained on its own",
+        test="tests/test_lora.py",
+    ),
+    Patch(
+        name=veomni_io.LORA_EXPORT_PATCH,
+        owner=veomni_io.HFLoraCkptCallback,
+        attr="_save_checkpoint",
+        replacement=veomni_io.hf_ckpt_callback_save,
+        fingerprint="fbc2159165ca0e90",
+        why="VeOmni's LoRA export writes fused expert adapters in bf16 under 5.22's names; ours writes the merged model in the released layout "
+        "(hf_ckpt) and fp32 PEFT adapters under the released per-expert names (lora_adapter) beside it (other models: VeOmni's)",
+        test="tests/test_lora.py",
+    ),
+    Patch(
         name="thinker_checkpoint_converter",
         owner=hf.Qwen3OmniMoeThinkerForConditionalGeneration,
         attr="_create_checkpoint_tensor_converter",
@@ -358,4 +388,29 @@ PATCHES = (
         why="the same check where VeOmni's FSDP2 wrapping calls it (imported by name) before compiling the blocks",
         test="tests/test_compile.py",
     ),
+    Patch(
+        name=moe.LORA_FORWARD_PATCHES[veomni_moe_lora.LoraIndependentExperts],
+        owner=veomni_moe_lora.LoraIndependentExperts,
+        attr="forward",
+        replacement=moe.lora_experts_forward,
+        fingerprint="638558e649104433",
+        why="expert LoRA under EP on the torch path (VeOmni's eager forward raises under EP): our token dispatch, "
+        "the wrapper's base + adapter computation on the local experts; expert-load counts",
+        test="tests/test_lora.py",
+    ),
+    Patch(
+        name=moe.LORA_FORWARD_PATCHES[veomni_moe_lora.LoraSharedExperts],
+        owner=veomni_moe_lora.LoraSharedExperts,
+        attr="forward",
+        replacement=moe.lora_experts_forward,
+        fingerprint="53b2da88127e2f2f",
+        why="the same for VeOmni's shared (one adapter per layer) expert LoRA",
+        test="tests/test_lora.py",
+    ),
 )
+
+
+def original(patch_name: str):
+    """The upstream attribute the named patch replaces (whether or not the set is applied now), for
+    replacements that hand some cases back to it."""
+    return next(p for p in PATCHES if p.name == patch_name).original()

@@ -45,6 +45,7 @@ from veomni.arguments import parse_args
 from veomni.distributed.parallel_state import get_parallel_state
 from veomni.trainer.vlm_trainer import VeOmniVLMArguments, VLMTrainer
 
+from .checkpoint.veomni_io import LORA_ADAPTER_DIR
 from .data.checks import IGNORE_INDEX, input_problems, raise_on_problems
 from .data.sequence_parallel import check_divisible_heads
 from .data.synthetic import read_jsonl
@@ -363,6 +364,8 @@ class OmniTrainer(VLMTrainer):
             "wall_s": round(time.time() - self.started, 1),
             "checkpoint": str(hf_ckpt) if args.train.checkpoint.save_hf_weights else None,
         }
+        if args.model.lora_config and args.train.checkpoint.save_hf_weights:
+            summary["lora_adapter"] = str(hf_ckpt.parent / LORA_ADAPTER_DIR)
         if _rank() == 0:
             _say("")
             _say(f"held-out accuracy (greedy answer tokens, {sum(totals.values())} eval samples) vs chance {chance:.2f}:")

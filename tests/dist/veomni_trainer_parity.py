@@ -7,7 +7,7 @@ stage shards them, which the reference needs whole), the full gradients just bef
 clipping, which the config turns into a no-op), the global loss (every rank's share summed over the
 micro batches and ranks, divided by the FSDP size VeOmni's `mean_global_loss` multiplies by) and the
 grad norm VeOmni reports, how often each rank ran each encoder, plus the layout (world, EP size,
-whether the model checkpoints gradients, experts held per rank).
+whether the model checkpoints gradients, experts held per rank); at the end, the trained weights.
 
 argv: out.pt config.yaml   (a config as `tasks/train_vlm.py` takes it). Saved: {config file: {layout, steps}}.
 """
@@ -19,12 +19,14 @@ import torch.distributed as dist
 
 import veomni_omni  # noqa: F401  (patches + registry, before VeOmni builds anything)
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerTextExperts
+from veomni.lora.moe_layers import is_lora_moe_experts
 from veomni.arguments import parse_args
 from veomni.data.data_collator import add_flash_attention_kwargs_from_position_ids
 from veomni.distributed.parallel_state import get_parallel_state
 from veomni.trainer.callbacks.base import Callback
 from veomni.trainer.vlm_trainer import VeOmniVLMArguments, VLMTrainer
 
+from veomni_omni.models.moe import expert_weights
 from veomni_omni.testing import gather_full_tensors
 
 
@@ -89,6 +91,9 @@ class StepRecorder(Callback):
 
         optimizer.step = recording_step
 
+    def on_train_end(self, state, **kwargs):
+        self.final_weights = gather_full_tensors(self.trainer.model)
+
     def on_step_end(self, state, loss=None, grad_norm=None, **kwargs):
         shares = self._all_gather(loss)
         self.steps[-1]["loss"] = sum(shares) / self.parallel_state.fsdp_size
@@ -111,11 +116,16 @@ def run(config_file: str) -> dict:
         "gradient_checkpointing": model.is_gradient_checkpointing,
         # experts each rank holds per MoE layer (the plan shards them over EP)
         "local_experts": recorder._all_gather(
-            sorted({m.gate_up_proj.shape[0] for m in model.modules() if isinstance(m, Qwen3OmniMoeThinkerTextExperts)})
+            sorted({
+                expert_weights(m)[0].shape[0] for m in model.modules()
+                if isinstance(m, Qwen3OmniMoeThinkerTextExperts) or is_lora_moe_experts(m)
+            })
         ),
     }
     trainer.train()  # ends with VeOmni tearing the process group down
-    return {"layout": layout, "steps": recorder.steps} if args.train.global_rank == 0 else None
+    if args.train.global_rank != 0:
+        return None
+    return {"layout": layout, "steps": recorder.steps, "final_weights": recorder.final_weights}
 
 
 def main():

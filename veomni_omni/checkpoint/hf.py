@@ -29,7 +29,8 @@ from safetensors import safe_open
 from .layout import model_layout
 from .publish import publish, staging_dir
 from .safetensors_io import INDEX_NAME, CheckpointError, ShardWriter, read_checkpoint, tensor_nbytes
-from .sharding import distinct_boxes, gather_to, sharded_params
+from .lora import AdapterGather, adapters, base_model, base_params, merge_into
+from .sharding import distinct_boxes, gather_to
 
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
 
@@ -55,14 +56,14 @@ def load_hf_checkpoint(model: torch.nn.Module, path) -> int:
     collective. Returns the number of bytes this rank read from the checkpoint.
     """
     source = read_checkpoint(path)
-    params = sharded_params(model)
+    params = base_params(model)
     on_meta = [name for name, p in params.items() if p.local.is_meta]
     if on_meta:
         raise CheckpointError(
             f"{len(on_meta)} parameters are still on the meta device (e.g. {on_meta[0]}): materialise the model first, "
             "e.g. build_parallelize_model(model, weights_path=None, init_device='meta', should_skip_hf_weight_load=True)"
         )
-    layout = model_layout(model, params, source)
+    layout = model_layout(base_model(model), params, source)
     read = 0
     for name, pieces in layout.pieces.items():
         target = params[name]
@@ -132,14 +133,19 @@ def save_hf_checkpoint(
     shapes and dtypes, its talker/code2wav tensors when the model lacks them, and its config and
     processor files. Without it, the layout is the one `save_pretrained` writes for this model.
     `dtype` overrides the floating-point dtype of the model's tensors (default: the source's, else
-    the parameter's). `processor` is saved too (after the source's files).
+    the parameter's). `processor` is saved too (after the source's files). A LoRA model (VeOmni's
+    `VeOmniLoraModel`) is written merged: each base weight plus its adapters' update.
     """
     rank, world = _rank_world()
     path = Path(path)
     source = Path(source) if source is not None else None
     source_entries = read_checkpoint(source) if source is not None else None
-    params = sharded_params(model)
-    layout = model_layout(model, params, source_entries)
+    params = base_params(model)
+    layout = model_layout(base_model(model), params, source_entries)
+    merges = {}
+    for adapter in adapters(model):
+        merges.setdefault(adapter.base, []).append(adapter)
+    gather_adapters = AdapterGather(model) if merges else None
 
     def out_dtype(key):
         original = layout.dtypes[key]
@@ -174,6 +180,10 @@ def save_hf_checkpoint(
     for name, param in params.items():
         owners = {file_of[piece.key] % world for piece in layout.pieces[name]}
         full = gather_to(param, boxes[name], owners)  # every rank, every parameter, same order
+        for adapter in merges.get(name, ()):
+            a, b = gather_adapters.pair(adapter, owners)
+            if full is not None:
+                merge_into(full, adapter, a, b)
         if full is not None:
             for piece in layout.pieces[name]:
                 part = full[piece.region]

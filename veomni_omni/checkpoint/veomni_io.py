@@ -46,17 +46,19 @@ from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 from transformers.utils import cached_file
 from veomni.models.checkpoint_tensor_loading import ConvertedCheckpointTensor
 from veomni.trainer.callbacks.base import TrainerState
-from veomni.trainer.callbacks.checkpoint_callback import CheckpointerCallback, HuggingfaceCkptCallback
+from veomni.trainer.callbacks.checkpoint_callback import CheckpointerCallback, HFLoraCkptCallback, HuggingfaceCkptCallback
 
 from .hf import save_hf_checkpoint
 from .layout import CARRIED_COMPONENTS, PREFIXES, _listing, model_layout
 from .safetensors_io import CheckpointError
-from .sharding import sharded_params
+from .lora import base_model, base_params, is_lora_model, save_peft_adapter
 
 logger = logging.getLogger(__name__)
 
 RELEASED_LAYOUT_MODELS = (hf.Qwen3OmniMoeForConditionalGeneration, hf.Qwen3OmniMoeThinkerForConditionalGeneration)
-HF_EXPORT_PATCH = "veomni_hf_export"  # the patchset entry whose original serves other models
+HF_EXPORT_PATCH = "veomni_hf_export"  # the patchset entries whose originals serve other models
+LORA_EXPORT_PATCH = "veomni_lora_export"
+LORA_ADAPTER_DIR = "lora_adapter"  # beside hf_ckpt
 
 
 class ReleasedLayoutConverter:
@@ -67,8 +69,8 @@ class ReleasedLayoutConverter:
     """
 
     def __init__(self, model: torch.nn.Module):
-        params = sharded_params(model)
-        layout = model_layout(model, params, source=None)  # the keys save_pretrained writes
+        params = base_params(model)  # a LoRA model's base weights under their bare names: VeOmni maps them on
+        layout = model_layout(base_model(model), params, source=None)  # the keys save_pretrained writes
         self.model_name = type(model).__name__
         self._pieces = {piece.key: piece for pieces in layout.pieces.values() for piece in pieces}
         self._params = {name: (tuple(p.global_shape), p.param.dtype, len(layout.pieces[name])) for name, p in params.items()}
@@ -165,7 +167,7 @@ def create_checkpoint_converter(model: torch.nn.Module) -> ReleasedLayoutConvert
 
 
 def is_released_layout_model(model: torch.nn.Module) -> bool:
-    return isinstance(model, RELEASED_LAYOUT_MODELS)
+    return isinstance(base_model(model), RELEASED_LAYOUT_MODELS)
 
 
 def released_source(model_path) -> Optional[Path]:
@@ -205,19 +207,24 @@ def export_hf_checkpoint(trainer, global_step: int) -> Path:
     source = released_source(args.model.model_path)
     assets = _ModelAssets(getattr(trainer, "model_assets", None) or [])
     save_hf_checkpoint(trainer.model, path, source=source, processor=assets)
-    logger.info("HF checkpoint (released layout) saved at %s", path)
+    logger.info("HF checkpoint (released layout%s) saved at %s", ", adapters merged" if is_lora_model(trainer.model) else "", path)
+    if is_lora_model(trainer.model):
+        adapter_path = path.parent / LORA_ADAPTER_DIR
+        save_peft_adapter(trainer.model, adapter_path, source=source, base_model_name_or_path=str(args.model.model_path))
+        logger.info("LoRA adapters (PEFT format, released module names) saved at %s", adapter_path)
     return path
 
 
 def hf_ckpt_callback_save(self, state: TrainerState, stage: str = "step_end"):
-    """`HuggingfaceCkptCallback._save_checkpoint`: as VeOmni's (a DCP checkpoint of the step unless
-    one exists, so every `global_step_N` stays resumable, then the HF export beside it), with the
-    export written in the released layout straight from the live sharded model instead of VeOmni's
-    DCP consolidation. Models other than the patched Qwen3-Omni classes get VeOmni's own."""
+    """`HuggingfaceCkptCallback._save_checkpoint` (and `HFLoraCkptCallback`'s): as VeOmni's (a DCP
+    checkpoint of the step unless one exists, so every `global_step_N` stays resumable, then the HF
+    export beside it), with the export written in the released layout straight from the live sharded
+    model instead of VeOmni's DCP consolidation; a LoRA model's merged, plus its PEFT adapters. Models
+    other than the patched Qwen3-Omni classes get VeOmni's own."""
     if not is_released_layout_model(self.trainer.model):
-        from ..patchset import PATCHES
+        from ..patchset import original
 
-        veomni_save = next(p for p in PATCHES if p.name == HF_EXPORT_PATCH).original()
+        veomni_save = original(LORA_EXPORT_PATCH if isinstance(self, HFLoraCkptCallback) else HF_EXPORT_PATCH)
         return veomni_save(self, state, stage)
     step_dir = Path(self.trainer.args.train.checkpoint.save_path) / f"global_step_{state.global_step}"
     if not step_dir.exists():  # created only after the barrier: every rank sees the same answer

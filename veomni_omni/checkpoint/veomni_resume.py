@@ -61,12 +61,6 @@ _DATA_FILE_RANK = re.compile(r"__(\d+)_")  # DCP's FileSystemWriter names rank R
 _EXTRA_STATE_RANK = re.compile(dcp_checkpointer._EXTRA_STATE_FORMAT.replace("{}", r"(\d+)").replace(".", r"\."))
 
 
-def _veomni_original(patch_name: str):
-    from ..patchset import PATCHES
-
-    return next(p for p in PATCHES if p.name == patch_name).original()
-
-
 def atomic_dcp_save(
     cls,
     path: str,
@@ -80,7 +74,9 @@ def atomic_dcp_save(
     stage_dir: Optional[str] = None,
 ) -> None:
     """`DistributedCheckpointer.save`: VeOmni's save into a staging directory, published whole."""
-    veomni_save = _veomni_original(ATOMIC_SAVE_PATCH).__func__
+    from ..patchset import original
+
+    veomni_save = original(ATOMIC_SAVE_PATCH).__func__
     kwargs = dict(trainable_only=trainable_only, parallel_state=parallel_state, stage_dir=stage_dir)
     if save_async or storage_writer is not None or save_to_lowest_rank:
         return veomni_save(
@@ -128,7 +124,9 @@ def incomplete_reason(checkpoint: Path) -> Optional[str]:
 def complete_checkpoint_step(checkpoints_dir: str, entry: str):
     """`checkpoint_utils._validate_dcp_checkpoint_entry`: VeOmni's name and `.metadata` checks, then
     `incomplete_reason`; the step of a resumable checkpoint, else None."""
-    step = _veomni_original(COMPLETE_ONLY_PATCH)(checkpoints_dir, entry)
+    from ..patchset import original
+
+    step = original(COMPLETE_ONLY_PATCH)(checkpoints_dir, entry)
     if step is None:
         return None
     reason = incomplete_reason(Path(checkpoints_dir) / entry)
@@ -140,7 +138,9 @@ def complete_checkpoint_step(checkpoints_dir: str, entry: str):
 
 def dynamic_batching_state_dict(self):
     """`DynamicBatchSizeDataLoader.state_dict` with `step` = the batches handed out this epoch."""
-    state = _veomni_original(DATA_POSITION_PATCH)(self)
+    from ..patchset import original
+
+    state = original(DATA_POSITION_PATCH)(self)
     generator = getattr(self, "_batch_data_iter", None)
     if generator is not None and inspect.getgeneratorstate(generator) == inspect.GEN_SUSPENDED:
         state["step"] += 1  # paused at a `yield batch`, whose `self.step += 1` runs on the next request

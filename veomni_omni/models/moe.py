@@ -16,6 +16,10 @@ Both exchanges are autograd Functions whose backward is the reverse exchange.
 VeOmni's fused kernels (Triton / Quack group-GEMM, EP-capable through VeOmni's own dispatch) run instead
 on CUDA when selected; see `moe_implementation`.
 
+LoRA on the experts (VeOmni's `LoraIndependentExperts` / `LoraSharedExperts`, which replace the experts
+module when `model.lora_config` targets them): the same dispatch under EP, the wrapper's own per-expert
+computation (base + adapters) running the local experts; VeOmni's forward otherwise.
+
 Expert load (tokens routed to each expert, per layer, padding included: that is the compute) is counted
 on device in every forward, into a non-persistent buffer of the experts module (no host sync, no graph
 break under torch.compile), and read with `expert_load`.
@@ -33,6 +37,7 @@ from torch.distributed.fsdp import FSDPModule
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 from transformers.utils import logging
+from veomni.lora.moe_layers import LoraIndependentExperts, LoraSharedExperts, is_lora_moe_experts
 
 logger = logging.get_logger(__name__)
 
@@ -121,15 +126,22 @@ def _fused_kernel(hidden_states: torch.Tensor) -> Optional[str]:
 _bound_kernel: Optional[str] = None
 
 
-def _fused_forward(self, kernel: str, hidden_states, top_k_index, top_k_weights):
-    """VeOmni's fused MoE (its EP dispatch when VeOmni's parallel state has EP on), called exactly as
-    VeOmni's own generated modeling does."""
+def _bind_fused_kernel(kernel: str) -> None:
+    """VeOmni's fused MoE kernel `kernel` (and the LoRA-aware kernels it has for it) bound in VeOmni."""
     from veomni.ops.kernels import moe as veomni_moe
 
     global _bound_kernel
     if _bound_kernel != kernel:
         veomni_moe.apply_veomni_fused_moe_patch(fused_moe_kernel=kernel)
         _bound_kernel = kernel
+
+
+def _fused_forward(self, kernel: str, hidden_states, top_k_index, top_k_weights):
+    """VeOmni's fused MoE (its EP dispatch when VeOmni's parallel state has EP on), called exactly as
+    VeOmni's own generated modeling does."""
+    from veomni.ops.kernels import moe as veomni_moe
+
+    _bind_fused_kernel(kernel)
     return veomni_moe.fused_moe_forward(
         num_experts=self.num_experts,
         routing_weights=top_k_weights.to(hidden_states.dtype),
@@ -142,6 +154,13 @@ def _fused_forward(self, kernel: str, hidden_states, top_k_index, top_k_weights)
     )
 
 
+def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_up_proj, down_proj) of an experts module; a LoRA wrapper holds them as `<name>.base_layer.weight`."""
+    if is_lora_moe_experts(experts):
+        return experts.gate_up_proj.base_layer.weight, experts.down_proj.base_layer.weight
+    return experts.gate_up_proj, experts.down_proj
+
+
 # ---------------------------------------------------------------------------------------------------
 # Expert-parallel group
 # ---------------------------------------------------------------------------------------------------
@@ -152,7 +171,7 @@ def expert_parallel_group(experts: nn.Module) -> Optional[dist.ProcessGroup]:
 
     Sharding is read off the weights (`[E/ep, ...]` after VeOmni's `ParallelPlan.apply`), the group off
     VeOmni's parallel state (the `ep` mesh the plan sharded over)."""
-    num_local = experts.gate_up_proj.shape[0]
+    num_local = expert_weights(experts)[0].shape[0]
     if num_local == experts.num_experts:
         return None
     from veomni.distributed.parallel_state import get_parallel_state, is_parallel_state_initialized
@@ -177,7 +196,7 @@ def _reduce_gradients_with_sum_on_cpu(experts: nn.Module) -> None:
         return
     from veomni.distributed.parallel_state import get_parallel_state
 
-    if isinstance(experts, FSDPModule) and experts.gate_up_proj.device.type == "cpu" and get_parallel_state().ep_fsdp_size > 1:
+    if isinstance(experts, FSDPModule) and expert_weights(experts)[0].device.type == "cpu" and get_parallel_state().ep_fsdp_size > 1:
         experts.set_force_sum_reduction_for_comms(True)
     experts.__dict__["_veomni_omni_sum_reduction"] = True
 
@@ -242,11 +261,14 @@ def _run_local_experts(experts: nn.Module, x: torch.Tensor, local_ids: torch.Ten
     """Each received row through its (local) expert, unweighted, with HF's selected implementation."""
     if x.shape[0] == 0:
         # Nothing routed to this rank's experts. The (empty) result still depends on the received rows and
-        # on the weights, so that every rank runs the reverse exchange in backward and FSDP reduces a
-        # (zero) gradient for every expert shard, as on the ranks that did get tokens.
-        weights = experts.gate_up_proj.sum() + experts.down_proj.sum()
+        # on the weights (adapters included), so that every rank runs the reverse exchange in backward and
+        # FSDP reduces a (zero) gradient for every expert shard, as on the ranks that did get tokens.
+        weights = sum(p.sum() for p in experts.parameters())
         return x * 0 + weights * 0
-    implementation = ALL_EXPERTS_FUNCTIONS.get_interface(experts.config._experts_implementation, _HF_EAGER)
+    if is_lora_moe_experts(experts):  # base + adapters, VeOmni's per-expert computation
+        implementation = type(experts)._eager_forward
+    else:
+        implementation = ALL_EXPERTS_FUNCTIONS.get_interface(experts.config._experts_implementation, _HF_EAGER)
     ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
     return implementation(_LocalExperts(experts, num_local), x, local_ids.unsqueeze(1), ones)
 
@@ -327,12 +349,12 @@ def expert_load(model: nn.Module, group: Optional[dist.ProcessGroup] = None, res
     excluded; zeros before any forward. `group`: all-reduce over it (a collective: every rank of it must
     call), e.g. VeOmni's `parallel_state.fsdp_group` (every rank holding distinct tokens) for the global
     load of a step. None for a model without thinker experts."""
-    modules = [m for m in model.modules() if isinstance(m, hf.Qwen3OmniMoeThinkerTextExperts)]
+    modules = [m for m in model.modules() if isinstance(m, hf.Qwen3OmniMoeThinkerTextExperts) or is_lora_moe_experts(m)]
     if not modules:
         return None
     loads = [m._buffers.get(LOAD_BUFFER) for m in modules]
     matrix = torch.stack([
-        torch.zeros(m.num_experts, dtype=torch.int64, device=m.gate_up_proj.device) if load is None else load
+        torch.zeros(m.num_experts, dtype=torch.int64, device=expert_weights(m)[0].device) if load is None else load
         for m, load in zip(modules, loads)
     ])
     if reset:
@@ -361,5 +383,39 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
         return _fused_forward(self, kernel, hidden_states, top_k_index, top_k_weights)
     if group is None:
         return _HF_FORWARD(self, hidden_states, top_k_index, top_k_weights)
+    _reduce_gradients_with_sum_on_cpu(self)
+    return dispatch_experts(self, hidden_states, top_k_index, top_k_weights, group, counts)
+
+
+LORA_FORWARD_PATCHES = {  # VeOmni's forward of each wrapper serves the cases it handles
+    LoraIndependentExperts: "lora_independent_experts_forward",
+    LoraSharedExperts: "lora_shared_experts_forward",
+}
+
+
+def _lora_fused_kernel_bound(experts: nn.Module) -> bool:
+    from veomni.lora import ops as lora_ops
+
+    bound = lora_ops._fused_lora_moe_forward if isinstance(experts, LoraSharedExperts) else lora_ops._fused_independent_lora_moe_forward
+    return bound is not None
+
+
+def lora_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """VeOmni's MoE-LoRA wrappers (`LoraIndependentExperts` / `LoraSharedExperts`): VeOmni's forward (its
+    fused LoRA kernel when bound, else its per-expert loop) while the experts are whole or VeOmni's fused
+    kernel runs; under EP on the torch path, where VeOmni's forward raises, the token dispatch above with
+    the wrapper's per-expert loop (base + adapters) on the rank's local experts. Counts the expert load."""
+    from ..patchset import original
+
+    counts = _expert_counts(top_k_index.reshape(-1), self.num_experts)
+    _record_load(self, counts)
+    group = expert_parallel_group(self)
+    kernel = _fused_kernel(hidden_states) if _fused_matches_layout(group) else None
+    if kernel is not None:
+        _bind_fused_kernel(kernel)
+    if group is None or (kernel is not None and _lora_fused_kernel_bound(self)):
+        return original(LORA_FORWARD_PATCHES[type(self)])(self, hidden_states, top_k_index, top_k_weights)
+    if isinstance(self, LoraSharedExperts):
+        self._ensure_ep_grad_sync_hooks()  # the shared adapters see only this rank's experts' rows
     _reduce_gradients_with_sum_on_cpu(self)
     return dispatch_experts(self, hidden_states, top_k_index, top_k_weights, group, counts)

@@ -10,15 +10,20 @@ carries these hooks; HF's classes do not. Each is added to the HF classes by the
   collator must leave whole for our SP shard (input ids padded but not sliced, pixels and audio untouched).
 - `get_metadata_collate_func()`: under Ulysses SP, the hook VeOmni's SP collator calls last on every
   micro batch; ours turns its output into this rank's SP shard (`SequenceParallelShard`).
+- `_convert_lora_targets_to_parameters(model, lora_modules, target_parameters)`: VeOmni's LoRA set-up
+  (`model.lora_config`) asks it to turn the expert projection names into the fused expert parameters
+  its MoE-LoRA wraps; VeOmni's own patterns name 5.9's modules (`thinker.model.layers`), not 5.22's.
 - `thinker.visual` / `thinker.audio_tower`: 5.9 kept the encoders on the thinker; 5.22 moved them to
   `thinker.model`. VLMTrainer's freezing code (`freeze_vit`, `freeze_audio_tower`) reads the old names.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import torch
+from torch import nn
 
 from ..data.samples import rope_positions
 
@@ -118,3 +123,31 @@ def _thinker_audio_tower(self):
 
 thinker_visual = property(_thinker_visual, doc="The vision encoder (5.22 keeps it at `model.visual`).")
 thinker_audio_tower = property(_thinker_audio_tower, doc="The audio encoder (5.22 keeps it at `model.audio_tower`).")
+
+
+# LoRA target names of the expert projections -> the fused expert parameter holding them.
+EXPERT_PROJECTIONS = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
+
+
+def lora_targets_to_parameters(model: nn.Module, lora_modules: list, target_parameters: list) -> tuple[list, list]:
+    """`model.lora_config` targets as VeOmni's LoRA set-up takes them: `gate_proj` / `up_proj` /
+    `down_proj` become the fused expert parameters (glob over the layers) for VeOmni's MoE-LoRA, the
+    other names stay linear targets. Refused: a name that matches no linear of the model (VeOmni would
+    train without it), or only some of the three expert projections (VeOmni's wrapper adapts all three)."""
+    named = {name.rsplit(".", 1)[-1] for name in lora_modules}
+    experts = sorted({name for name, _ in model.named_parameters() if name.endswith(".mlp.experts.gate_up_proj")})
+    expert_names = named & EXPERT_PROJECTIONS.keys()
+    if expert_names and experts:
+        if expert_names != EXPERT_PROJECTIONS.keys():
+            raise ValueError(
+                f"model.lora_config: {sorted(expert_names)} of the MoE experts: VeOmni's expert LoRA adapts gate_proj, up_proj "
+                "and down_proj together; list all three (or none)"
+            )
+        globs = sorted({re.sub(r"\.layers\.\d+\.", ".layers.*.", name.removesuffix(".gate_up_proj")) for name in experts})
+        target_parameters = list(target_parameters) + [f"{g}.{p}" for g in globs for p in ("gate_up_proj", "down_proj")]
+        lora_modules = [name for name in lora_modules if name.rsplit(".", 1)[-1] not in EXPERT_PROJECTIONS]
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    unmatched = [target for target in lora_modules if not any(name == target or name.endswith("." + target) for name in linears)]
+    if unmatched:
+        raise ValueError(f"model.lora_config: lora_modules {unmatched} match no linear layer of {type(model).__name__}")
+    return lora_modules, target_parameters
