@@ -122,3 +122,17 @@ def test_files_arrays_and_jsonl_encode_identically(tmp_path):
         # tiny media, as promised: ≤ 13 audio tokens, 4 image / 8 video tokens
         assert int(outs[0]["audio_mask"].sum()) <= 13 and int(outs[0]["image_mask"].sum()) in (0, 4)
         assert int(outs[0]["video_mask"].sum()) in (0, 8) and len(outs[0]["input_ids"]) < 64
+
+
+def test_image_position_is_a_new_task_the_shape_sits_that_way():
+    """`image_position` (the LoRA demo's task) is not among the main job's tasks nor in the tokenizer's corpus,
+    and its shape sits off the centre in the answered direction."""
+    assert "image_position" not in synthetic.TASKS
+    assert synthetic.QUESTIONS["image_position"] not in synthetic.corpus()
+    for index in range(16):
+        sample = synthetic.generate_sample(index, "image_position")
+        pixels = np.asarray(sample["messages"][0]["content"][0]["image"]).max(-1)
+        ys, xs = np.nonzero(pixels > 150)  # the shape (a channel at 180+), not the dark noisy background (below ~100)
+        dy, dx = synthetic.DIRECTIONS[sample["answer"]]
+        offset = np.array([ys.mean(), xs.mean()]) - synthetic.IMAGE_SIZE / 2
+        assert offset @ np.array([dy, dx]) > synthetic.IMAGE_SIZE / 8, (sample["answer"], offset)

@@ -103,6 +103,12 @@ LAYOUTS = {
         [["text"], ["image+audio"], ["audio_in_video"], ["image"]],
         [["audio"], ["video"], ["text"], ["image+audio"]],
     ]),
+    # VeOmni's shared expert LoRA (one pair per layer for all its experts; share_expert_lora) under EP, and LoRA under SP.
+    "lora_shared_ep2": dict(world=2, ep=2, gc=False, lora="shared", steps=[
+        [["text"], ["image+audio"]],
+        [["video"], ["audio"]],
+    ]),
+    "lora_sp2_ep2": dict(world=2, ep=2, sp=2, gc=True, pack=True, lora=True, steps=[[IMAGE_STRADDLES], [AUDIO_STRADDLES], [TEXT_ONLY_SLICE]]),
 }
 # The LoRA runs' model.lora_config: the text attention, the MoE experts (gate/up/down, per expert), the ViT's fused
 # qkv and the audio tower's fc1 (q/k/v_proj also match the audio tower's attention).
@@ -233,7 +239,7 @@ def write_config(path: Path, checkpoint: Path, data: Path, layout: dict, output_
         },
     }
     if layout.get("lora"):
-        config["model"]["lora_config"] = LORA_CONFIG
+        config["model"]["lora_config"] = lora_config(layout)
     path.write_text(yaml.safe_dump(config))
 
 
@@ -254,23 +260,27 @@ def data_parallel_batches(record: dict, layout: dict) -> list:
 LORA_PREFIX = "base_model.model."  # VeOmniLoraModel's, on every parameter of the wrapped model
 
 
-def reference_lora_config() -> VeOmniLoraConfig:
+def lora_config(layout: dict) -> dict:
+    return {**LORA_CONFIG, "share_expert_lora": layout["lora"] == "shared"}
+
+
+def reference_lora_config(mode: str) -> VeOmniLoraConfig:
     """LORA_CONFIG for the unpatched HF thinker, written out by hand: the expert adapters by their fused
     parameters (the patch set's target mapping is not used by the reference)."""
     experts = "model.language_model.layers.*.mlp.experts"
     dense = [m for m in LORA_CONFIG["lora_modules"] if m not in ("gate_proj", "up_proj", "down_proj")]
     return VeOmniLoraConfig(
         r=LORA_CONFIG["rank"], lora_alpha=LORA_CONFIG["alpha"], target_modules=dense,
-        target_parameters=[f"{experts}.gate_up_proj", f"{experts}.down_proj"], moe_mode="independent",
+        target_parameters=[f"{experts}.gate_up_proj", f"{experts}.down_proj"], moe_mode="shared" if mode == "shared" else "independent",
     )
 
 
-def reference_thinker(thinker_config, weights: dict, lora: bool):
+def reference_thinker(thinker_config, weights: dict, lora):
     """The unpatched HF thinker (wrapped by VeOmni's LoRA for a LoRA run, its own forwards) holding `weights`,
     the trained top-level model's. Call inside `veomni_omni.unpatched()`."""
     model = Qwen3OmniMoeThinkerForConditionalGeneration(thinker_config)
     if lora:
-        model = VeOmniLoraModel(model, reference_lora_config())
+        model = VeOmniLoraModel(model, reference_lora_config(lora))
         weights = {LORA_PREFIX + name.removeprefix(LORA_PREFIX + "thinker."): w for name, w in weights.items()}
     else:
         weights = {name.removeprefix("thinker."): w for name, w in weights.items()}
@@ -288,7 +298,7 @@ def global_batch(thinker_config, record: dict, layout: dict) -> dict:
     return concat_batches(samples)
 
 
-def reference_step(thinker_config, record: dict, layout: dict, lora: bool = False) -> tuple:
+def reference_step(thinker_config, record: dict, layout: dict, lora=False) -> tuple:
     """Unpatched HF thinker, one process, the step's starting weights, the whole global batch."""
     with veomni_omni.unpatched():
         model = reference_thinker(thinker_config, record["weights"], lora)
@@ -296,7 +306,7 @@ def reference_step(thinker_config, record: dict, layout: dict, lora: bool = Fals
     return loss, {top_level_name(name, lora): g for name, g in grads.items()}
 
 
-def step_differences(thinker_config, record: dict, layout: dict, label: str, lora: bool = False) -> tuple[list[str], float]:
+def step_differences(thinker_config, record: dict, layout: dict, label: str, lora=False) -> tuple[list[str], float]:
     """A recorded step against the reference: failures (loss, grad norm, every gradient) and the
     largest relative gradient difference."""
     ref_loss, ref_grads = reference_step(thinker_config, record, layout, lora)
@@ -324,7 +334,7 @@ def check_run(result: dict, layout: dict, thinker_weights: dict, label: str) -> 
     }, f"{label}: VeOmni did not lay the model out as configured"
     loaded = result["steps"][0]["weights"]
     if layout.get("lora"):
-        loaded = check_lora_start(result, label)
+        loaded = check_lora_start(result, layout, label)
     assert loaded.keys() == thinker_weights.keys(), f"{label}: the trained thinker's parameters are not the checkpoint's"
     not_loaded = [n for n, w in loaded.items() if not torch.equal(w, thinker_weights[n])]
     assert not not_loaded, f"{label}: VeOmni's loader did not load these from the released-layout checkpoint: {not_loaded[:5]}"
@@ -343,7 +353,7 @@ def base_name(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
-def check_lora_start(result: dict, label: str) -> dict:
+def check_lora_start(result: dict, layout: dict, label: str) -> dict:
     """A LoRA run starts from the checkpoint with fresh adapters (A random, B zero), trains the adapters only,
     and has them where LORA_CONFIG asks; returns the base weights under the base model's names."""
     first = result["steps"][0]
@@ -352,7 +362,7 @@ def check_lora_start(result: dict, label: str) -> dict:
     for where in (".self_attn.q_proj.", ".self_attn.o_proj.", ".mlp.experts.gate_proj.", ".mlp.experts.up_proj.", ".mlp.experts.down_proj.", ".attn.qkv.", ".fc1."):
         assert any(where in name for name in adapters), f"{label}: no adapter on {where!r}"
     expert_a = next(w for name, w in first["weights"].items() if ".mlp.experts.gate_proj.lora_A." in name)
-    assert expert_a.ndim == 3, f"{label}: expert adapters are not per expert: {tuple(expert_a.shape)}"
+    assert expert_a.ndim == (2 if layout["lora"] == "shared" else 3), f"{label}: expert adapters of shape {tuple(expert_a.shape)}"
     for name in adapters:
         weight = first["weights"][name]
         assert (weight.abs().sum() > 0) == (".lora_A." in name), f"{label}: {name} at the start: A must be random, B zero"
@@ -417,22 +427,22 @@ def test_veomni_trainer_matches_single_process_hf(checkpoint, tmp_path, name):
         check_run(result, layout, thinker_weights, run)
         for step, record in enumerate(result["steps"], start=1):
             errors, worst[f"{run} step {step}"] = step_differences(
-                thinker_config, record, result["layout"], f"{run} step {step}", lora=bool(layout.get("lora"))
+                thinker_config, record, result["layout"], f"{run} step {step}", lora=layout.get("lora", False)
             )
             failures += errors
     print(f"VeOmni trainer, {name}: largest relative gradient difference " + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
     assert not failures, "\n".join(failures[:20])
     if layout.get("lora"):
-        check_zero_adapters_are_the_base(thinker_config, planned["steps"][0], planned["layout"], thinker_weights)
+        check_zero_adapters_are_the_base(thinker_config, planned["steps"][0], planned["layout"], thinker_weights, layout["lora"])
     if layout.get("export"):
         check_lora_export(checkpoint, thinker_config, planned, tmp_path / "planned", len(layout["steps"]))
 
 
-def check_zero_adapters_are_the_base(thinker_config, record: dict, layout: dict, thinker_weights: dict) -> None:
+def check_zero_adapters_are_the_base(thinker_config, record: dict, layout: dict, thinker_weights: dict, lora) -> None:
     """With every B at zero (the first step's start) the LoRA model's loss is the base model's, bit for bit."""
     batch = global_batch(thinker_config, record, layout)
     with veomni_omni.unpatched(), torch.no_grad():
-        lora_loss = reference_thinker(thinker_config, record["weights"], lora=True)(**batch).loss
+        lora_loss = reference_thinker(thinker_config, record["weights"], lora=lora)(**batch).loss
         base_loss = reference_thinker(thinker_config, thinker_weights, lora=False)(**batch).loss
     assert torch.equal(lora_loss, base_loss), f"zero adapters: loss {lora_loss.item()} vs the base model's {base_loss.item()}"
 

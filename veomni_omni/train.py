@@ -82,6 +82,7 @@ class OmniSection:
     tiny: TinyModel = field(default_factory=TinyModel)
     eval_path: Optional[str] = field(default=None, metadata={"help": "held-out samples (JSONL), any accepted format"})
     eval_steps: int = field(default=0, metadata={"help": "held-out accuracy every N steps (0: at the end only)"})
+    eval_at_start: bool = field(default=False, metadata={"help": "also before the first step (what the loaded model knows)"})
     log_steps: int = 50
     plot: bool = True
     on_nonfinite_loss: str = field(default="skip", metadata={"help": "skip | stop"})
@@ -202,6 +203,13 @@ class OmniTrainer(VLMTrainer):
         self.update_finite = True  # set by the guarded optimizer step
         self.setup_s = time.time() - self.started
         self._guard_updates()
+
+    def on_train_begin(self):
+        super().on_train_begin()
+        if self.omni.eval_at_start and self.eval_samples:
+            accuracy, _ = self.evaluate()
+            self.evals.append((0, accuracy))
+            _say("[eval] before training: held-out accuracy " + ", ".join(f"{k} {v}" for k, v in accuracy.items()))
 
     # ---- before the step: host-side checks, agreed across ranks
     def on_step_begin(self, micro_batches=None):

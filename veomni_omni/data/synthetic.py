@@ -74,6 +74,7 @@ QUESTIONS = {
     "video_motion": "Which way does the shape move?",
     "av_motion": "Which way does the shape move?",
     "av_pitch": "Which pitch is the sound in the video?",
+    "image_position": "Where is the shape?",
 }
 ANSWERS = {
     "image_shape": SHAPES,
@@ -84,8 +85,11 @@ ANSWERS = {
     "av_pitch": tuple(PITCHES),
     "text_arith": NUMBER_WORDS[:4],
     "text_animal": tuple(ANIMALS.values()),
+    "image_position": tuple(DIRECTIONS),
 }
-TASKS = tuple(ANSWERS)
+# The main job's tasks (and the tiny tokenizer's corpus). `image_position` (a shape off centre: which way?) is
+# for teaching something new afterwards (the LoRA demo): the main job never sees it.
+TASKS = tuple(task for task in ANSWERS if task != "image_position")
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 IMAGE_SIZE = 64
@@ -128,11 +132,17 @@ def _jitter_colour(rng: np.random.Generator, name: str) -> tuple:
     return tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in COLOURS[name])
 
 
-def make_image(rng: np.random.Generator, shape: str, colour: str, size: int = IMAGE_SIZE) -> np.ndarray:
-    """(size, size, 3) uint8: one shape of the colour, of random size near the centre, on a noisy background."""
+def make_image(
+    rng: np.random.Generator, shape: str, colour: str, size: int = IMAGE_SIZE, off_centre: Optional[str] = None
+) -> np.ndarray:
+    """(size, size, 3) uint8: one shape of the colour, of random size near the centre, on a noisy background;
+    `off_centre` (a direction): a smaller shape a quarter of the image away from the centre that way."""
     image = Image.fromarray(_background(rng, size))
     r = rng.uniform(size * SHAPE_RADIUS[0], size * SHAPE_RADIUS[1])
     cy, cx = size / 2 + rng.uniform(-SHAPE_JITTER, SHAPE_JITTER, 2)
+    if off_centre is not None:
+        r = rng.uniform(size * MOVER_RADIUS[0], size * MOVER_RADIUS[1]) * 1.5
+        cy, cx = cy + DIRECTIONS[off_centre][0] * size / 4, cx + DIRECTIONS[off_centre][1] * size / 4
     _draw_shape(image, shape, cy, cx, r, _jitter_colour(rng, colour))
     return np.asarray(image)
 
@@ -180,7 +190,7 @@ def make_video(rng: np.random.Generator, direction: str, frames: int = VIDEO_FRA
 def _rng(seed: int, split: str, index: int, task: str) -> np.random.Generator:
     if split not in _SPLIT_STREAM:
         raise ValueError(f"split must be one of {sorted(_SPLIT_STREAM)}, got {split!r}")
-    return np.random.default_rng([seed, _SPLIT_STREAM[split], index, TASKS.index(task)])
+    return np.random.default_rng([seed, _SPLIT_STREAM[split], index, list(ANSWERS).index(task)])
 
 
 def _chat(user_content: list, answer: str, system: Optional[str]) -> list:
@@ -207,12 +217,14 @@ def generate_sample(
     stem = Path(media_dir) / f"{sample_id}-{task}" if media_dir is not None else None
     use_audio_in_video = False
 
-    if task in ("image_shape", "image_colour"):
+    if task in ("image_shape", "image_colour", "image_position"):
         if task == "image_shape":
             shape, colour = answer, tuple(COLOURS)[rng.integers(len(COLOURS))]
-        else:
+        elif task == "image_colour":
             shape, colour = SHAPES[rng.integers(len(SHAPES))], answer
-        pixels = make_image(rng, shape, colour)
+        else:
+            shape, colour = SHAPES[rng.integers(len(SHAPES))], tuple(COLOURS)[rng.integers(len(COLOURS))]
+        pixels = make_image(rng, shape, colour, off_centre=answer if task == "image_position" else None)
         item = pixels
         if stem is not None:
             item = str(stem.with_suffix(".png"))
@@ -290,10 +302,10 @@ def corpus() -> list[str]:
     """Text the tiny tokenizer is trained on: every question and answer of the dataset, the system
     prompt, chat role names, and some plain English so other text still tokenizes compactly."""
     lines = [SYSTEM_PROMPT, "system", "user", "assistant"]
-    lines += list(QUESTIONS.values())
-    lines += [" ".join(words) for words in ANSWERS.values()]
+    lines += [QUESTIONS[task] for task in TASKS if task in QUESTIONS]
+    lines += [" ".join(ANSWERS[task]) for task in TASKS]
     # answers follow "assistant\n", i.e. start a line: make each of them one token there
-    lines += [word for words in ANSWERS.values() for word in words] * 3
+    lines += [word for task in TASKS for word in ANSWERS[task]] * 3
     lines += [f"What is {a} plus {b} modulo four?" for a in NUMBER_WORDS for b in NUMBER_WORDS]
     lines += [f"Which animal says {s}? The {a} says {s}." for s, a in ANIMALS.items()]
     lines += list(_ENGLISH)
