@@ -195,13 +195,21 @@ def test_dict_fields_take_free_keys(parse):
     assert args.omni.extra == {"anything": {"nested": 1}}
     yaml_text = QWEN3_OMNI_YAML.replace(
         "  model_path: Qwen3-Omni-30B-A3B-Instruct\n",
-        "  model_path: Qwen3-Omni-30B-A3B-Instruct\n  model_config: {any_key: 1, nested: {free: true}}\n"
-        "  lora_config: {rank: 8, made_up: x}\n",
+        "  model_path: Qwen3-Omni-30B-A3B-Instruct\n  model_config: {any_key: 1, nested: {free: true}}\n",
     ).replace("    use_audio_in_video: True\n", "    use_audio_in_video: True\n    not_a_veomni_key: 3\n")
     args = parse(yaml_text)
     assert args.model.model_config == {"any_key": 1, "nested": {"free": True}}
-    assert args.model.lora_config == {"rank": 8, "made_up": "x"}
     assert args.data.mm_configs["not_a_veomni_key"] == 3
+
+
+def test_lora_config_keys_are_veomnis(parse):
+    """VeOmni reads model.lora_config by name and drops the rest: a typo is an error naming the key."""
+    lora = "  model_path: Qwen3-Omni-30B-A3B-Instruct\n  lora_config: {rank: 8, alpha: 16, lora_modules: [q_proj], rank_patern: {q_proj: 4}}\n"
+    with pytest.raises(UnknownConfigKeyError) as error:
+        parse(QWEN3_OMNI_YAML.replace("  model_path: Qwen3-Omni-30B-A3B-Instruct\n", lora))
+    assert str(error.value).startswith("unknown config key 'model.lora_config.rank_patern' (did you mean 'model.lora_config.rank_pattern'?)")
+    args = parse(QWEN3_OMNI_YAML.replace("  model_path: Qwen3-Omni-30B-A3B-Instruct\n", lora.replace("rank_patern", "rank_pattern")))
+    assert args.model.lora_config["rank_pattern"] == {"q_proj": 4}
 
 
 def test_nothing_is_built_before_the_check_fails(parse):

@@ -6,8 +6,10 @@ keys each dataclass declares and drops the rest: a typo (`train.optimzer: {lr: .
 the defaults, silently. `unknown_keys` walks the tree VeOmni builds, resolving each field's type as
 VeOmni does, and reports every key it would drop, with the full dotted name, the closest valid
 spelling and the section's keys. A field VeOmni does not build into a dataclass (a `Dict` field
-such as `model.model_config`, `data.mm_configs`, `model.lora_config`) takes its value whole, free
-keys included: the code that reads it checks it.
+such as `model.model_config`, `data.mm_configs`) takes its value whole, free keys included: the code
+that reads it checks it. `model.lora_config` is read by VeOmni (`VeOmniLoraConfig.from_yaml`, the
+trainer's `_setup_lora`), which takes the keys it knows and drops the rest (`rank_patern: ...` would
+train every module at the default rank): its keys are checked here, against VeOmni 0.1.12's.
 
 `instantiate_checked` replaces `veomni.arguments.parser._instantiate_recursive` (patch
 `config_unknown_keys`): it checks the whole config, then lets VeOmni's own function build the
@@ -64,16 +66,29 @@ def _describe(key: str, path: str, valid: list[str]) -> str:
     return f"unknown config key '{prefix}{key}'{hint}; valid keys in {section}: {', '.join(valid)}"
 
 
+# The keys VeOmni 0.1.12 reads from `model.lora_config` (VeOmniLoraConfig.from_yaml, BaseTrainer._setup_lora).
+LORA_CONFIG_KEYS = (
+    "rank", "r", "alpha", "lora_alpha", "lora_modules", "target_modules", "exclude_modules", "target_parameters",
+    "share_expert_lora", "lora_dropout", "bias", "use_rslora", "init_lora_weights", "modules_to_save",
+    "rank_pattern", "alpha_pattern", "task_type", "base_model_name_or_path", "lora_adapter", "is_trainable",
+)
+FREE_SECTION_KEYS = {"model.lora_config": sorted(LORA_CONFIG_KEYS)}
+
+
 def unknown_keys(cls, config: dict, path: str = "") -> list[str]:
-    """One message per key in `config`, at any depth, that VeOmni would drop building `cls`."""
+    """One message per key in `config`, at any depth, that VeOmni would drop building `cls` (or reading
+    a section of FREE_SECTION_KEYS)."""
     sections = _section_types(cls)
     valid = sorted(sections)
     problems = []
     for key, value in config.items():
+        where = f"{path}.{key}" if path else key
         if key not in sections:
             problems.append(_describe(str(key), path, valid))
         elif sections[key] is not None and isinstance(value, dict):
-            problems += unknown_keys(sections[key], value, f"{path}.{key}" if path else key)
+            problems += unknown_keys(sections[key], value, where)
+        elif where in FREE_SECTION_KEYS and isinstance(value, dict):
+            problems += [_describe(str(k), where, FREE_SECTION_KEYS[where]) for k in value if k not in FREE_SECTION_KEYS[where]]
     return problems
 
 
