@@ -26,6 +26,7 @@ import veomni_omni
 from veomni_omni.checkpoint import CheckpointError, checkpoint_nbytes
 from veomni_omni.checkpoint import veomni_io
 from veomni_omni.checkpoint.safetensors_io import INDEX_NAME, read_checkpoint
+from veomni_omni.checkpoint.lora import is_adapter_param
 from veomni_omni.testing import run_ranks, tiny_omni_config, tiny_thinker_config
 
 WORKER = str(Path(__file__).parent / "dist" / "veomni_ckpt.py")
@@ -214,3 +215,16 @@ def test_patches_are_undone_with_the_set():
         assert "_create_checkpoint_tensor_converter" not in Qwen3OmniMoeForConditionalGeneration.__dict__
         assert HuggingfaceCkptCallback._save_checkpoint is not veomni_io.hf_ckpt_callback_save
     assert HuggingfaceCkptCallback._save_checkpoint is veomni_io.hf_ckpt_callback_save
+
+
+def test_lora_base_is_held_in_the_param_dtype(layout):
+    """LoRA with mixed precision (param bf16): our FSDP2 wrapping holds the frozen base in bf16 (VeOmni's in fp32),
+    the adapters in fp32, and one forward + backward gives the same loss and adapter gradients, bit for bit."""
+    ours, veomni = layout["lora_param_dtype"]["ours"], layout["lora_param_dtype"]["veomni"]
+    assert all(d == {"frozen": ["torch.bfloat16"], "adapters": ["torch.float32"]} for d in ours["dtypes"]), ours["dtypes"]
+    assert all(d == {"frozen": ["torch.float32"], "adapters": ["torch.float32"]} for d in veomni["dtypes"]), veomni["dtypes"]
+    assert all(torch.equal(a, b) for a, b in zip(ours["loss"], veomni["loss"])), (ours["loss"], veomni["loss"])
+    assert ours["grads"].keys() == veomni["grads"].keys() and any(".mlp.experts." in name for name in ours["grads"])
+    assert all(is_adapter_param(name) for name in ours["grads"]), "only the adapters train"
+    differing = [name for name in ours["grads"] if not torch.equal(ours["grads"][name], veomni["grads"][name])]
+    assert not differing, f"{layout['name']}: adapter gradients differ: {differing[:5]}"

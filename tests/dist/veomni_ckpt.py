@@ -12,6 +12,10 @@ phase "cases" (one process group, several cases):
   stream_load      (EP only) `ep_sharded_stream_load=True`: the error VeOmni raises on every rank
   broken           every rank reads a checkpoint lacking an expert key, with an extra one: the
                    CheckpointError each rank raises
+  lora_param_dtype the no_talker model with LoRA (attention + experts), mixed precision param bf16 / reduce fp32:
+                   built by our parallelize_model_fsdp2 (frozen base held in bf16) and by VeOmni's (held
+                   in fp32), the same adapter values set in both; one forward + backward on a text batch:
+                   loss, adapter gradients, the dtypes of frozen and trainable local shards
   export           the no_talker model, weights changed, saved by VeOmni's HuggingfaceCkptCallback
                    (real VeOmni arguments, optimizer and scheduler) at an hf_save_steps step and at
                    train end; full weights as exported
@@ -40,8 +44,10 @@ from veomni.arguments.arguments_types import (
     TrainingArguments,
     VeOmniArguments,
 )
+from veomni.distributed import torch_parallelize as veomni_parallelize
 from veomni.distributed.parallel_state import init_parallel_state
 from veomni.distributed.torch_parallelize import build_parallelize_model
+from veomni.lora import VeOmniLoraConfig, VeOmniLoraModel, resolve_fused_moe_lora_targets
 from veomni.models import build_foundation_model, build_processor
 from veomni.optim import build_lr_scheduler, build_optimizer
 from veomni.trainer.callbacks.base import TrainerState
@@ -50,7 +56,11 @@ from veomni.trainer.callbacks.checkpoint_callback import HuggingfaceCkptCallback
 from ckpt_flow import full_weights, gather
 from veomni_omni.checkpoint import CheckpointError
 from veomni_omni.checkpoint import veomni_io
+from veomni_omni.checkpoint.lora import is_adapter_param
 from veomni_omni.checkpoint.sharding import sharded_params
+from veomni_omni.parallel.lora import PARAM_DTYPE_PATCH
+from veomni_omni.patchset import original
+from veomni_omni.testing import gather_full_tensors
 from veomni_omni.host import eager_ops_config
 
 HF_SAVE_STEPS, LAST_STEP = 2, 3
@@ -117,6 +127,46 @@ def export(model, spec, out):
     return {"weights": full_weights(model), "save_path": args.train.checkpoint.save_path}
 
 
+LORA_CONFIG = {"rank": 4, "alpha": 8, "lora_modules": ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+def lora_param_dtype(spec):
+    mixed = MixedPrecisionConfig(enable=True, param_dtype="bfloat16", reduce_dtype="float32")
+    results = {}
+    for which in ("ours", "veomni"):
+        model = build_foundation_model(spec["source"], init_device="meta", torch_dtype="float32", ops_implementation=eager_ops_config())
+        model.disable_talker()
+        model = VeOmniLoraModel(model, VeOmniLoraConfig.from_yaml(resolve_fused_moe_lora_targets(model, LORA_CONFIG)))
+        ours = veomni_parallelize.parallelize_model_fsdp2
+        if which == "veomni":
+            veomni_parallelize.parallelize_model_fsdp2 = original(PARAM_DTYPE_PATCH)
+        try:
+            model = build_parallelize_model(
+                model, weights_path=spec["source"], init_device="meta", enable_gradient_checkpointing=False,
+                mixed_precision=mixed, enable_reshard_after_forward=True, is_peft_model=True,
+            )
+        finally:
+            veomni_parallelize.parallelize_model_fsdp2 = ours
+        params = sharded_params(model)
+        with torch.no_grad():  # the same adapters in both builds, B away from zero
+            for name, p in params.items():
+                if is_adapter_param(name):
+                    full = torch.randn(p.global_shape, generator=torch.Generator().manual_seed(len(name))) * 0.1
+                    p.local.copy_(full[tuple(slice(o, o + n) for o, n in zip(p.offset, p.local_shape))])
+        ids = torch.randint(100, 400, (1, 48), generator=torch.Generator().manual_seed(dist.get_rank()))
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        results[which] = {
+            "loss": gather(loss.detach()),
+            "grads": gather_full_tensors(model, grads=True),
+            "dtypes": gather({
+                kind: sorted({str(p.local.dtype) for n, p in params.items() if is_adapter_param(n) == (kind == "adapters")})
+                for kind in ("frozen", "adapters")
+            }),
+        }
+    return results
+
+
 def cases(spec, out):
     results = {}
     results["omni_every_rank"] = loaded(spec, "omni_every_rank", broadcast=False)[1]
@@ -126,6 +176,7 @@ def cases(spec, out):
     if spec["ep"] > 1:
         results["stream_load"] = gather(error_of(lambda: load(spec["source"], spec["source"], broadcast=False, stream=True)))
     results["broken"] = gather(error_of(lambda: load(spec["source"], spec["broken"], broadcast=False)))
+    results["lora_param_dtype"] = lora_param_dtype(spec)
     results["export"] = export(no_talker, spec, out)
     if dist.get_rank() == 0:
         torch.save(results, out / "cases.pt")

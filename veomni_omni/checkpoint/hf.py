@@ -180,6 +180,8 @@ def save_hf_checkpoint(
     for name, param in params.items():
         owners = {file_of[piece.key] % world for piece in layout.pieces[name]}
         full = gather_to(param, boxes[name], owners)  # every rank, every parameter, same order
+        if full is not None and name in merges:
+            full = full.float()  # the base may be held in bf16 (parallel/lora.py): merge in fp32
         for adapter in merges.get(name, ()):
             a, b = gather_adapters.pair(adapter, owners)
             if full is not None:
