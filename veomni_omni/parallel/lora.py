@@ -38,7 +38,7 @@ def hold_frozen_in(model: nn.Module, dtype: torch.dtype) -> int:
 
 
 def parallelize_model_fsdp2(
-    model: "nn.Module",
+    model: nn.Module,
     weights_path: Optional[str] = None,
     enable_reshard_after_forward: bool = True,
     mixed_precision: MixedPrecisionConfig = MixedPrecisionConfig(enable=True),  # noqa
@@ -47,7 +47,7 @@ def parallelize_model_fsdp2(
     compile_config: Optional[CompileConfig] = None,
     should_skip_hf_weight_load: bool = False,
     **kwargs,
-) -> "nn.Module":
+) -> nn.Module:
     """VeOmni's `parallelize_model_fsdp2`, a LoRA model's frozen parameters first held in the mixed-precision
     `param_dtype` (see the module doc)."""
     from ..patchset import original
