@@ -46,6 +46,7 @@ from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 from transformers.utils import cached_file
 from veomni.models.checkpoint_tensor_loading import ConvertedCheckpointTensor
 from veomni.trainer.callbacks.base import TrainerState
+from veomni.utils.save_safetensor_utils import save_lora_adapter_with_dcp
 from veomni.trainer.callbacks.checkpoint_callback import CheckpointerCallback, HFLoraCkptCallback, HuggingfaceCkptCallback
 
 from .hf import save_hf_checkpoint
@@ -231,5 +232,7 @@ def hf_ckpt_callback_save(self, state: TrainerState, stage: str = "step_end"):
         dist.barrier()
         CheckpointerCallback._save_checkpoint(self, state)
     self.trainer.checkpointer.wait_for_pending_save()  # an async DCP save still writing
+    if is_lora_model(self.trainer.model):  # VeOmni's own adapter files too: what `lora_config.lora_adapter` reads back
+        save_lora_adapter_with_dcp(self.trainer.model, str(Path(self.trainer.args.train.checkpoint.output_dir) / f"global_step_{state.global_step}"))
     export_hf_checkpoint(self.trainer, state.global_step)
     self._last_saved_step = state.global_step
