@@ -95,6 +95,51 @@ def test_plan_more_gpus_need_less_memory(capsys):
     assert tight["fits"] is False
 
 
+def test_plan_lora_counts_the_adapters_veomni_injects(capsys):
+    """LoRA mode: the adapters counted on the meta thinker wrapped by VeOmni's `VeOmniLoraModel` equal
+    the closed form from the config dimensions; the base stays the full model's, frozen; the static
+    bytes follow from the two counts; the fewest GPUs are fewer than full fine-tuning's."""
+    from veomni_omni.bench.configs import real_thinker_config
+    from veomni_omni.bench.plan import GIB
+
+    rank, gpus = 16, 2
+    code, payload, out = run_bench(capsys, "plan", "--gpus", str(gpus), "--ep", "2", "--lora-rank", str(rank), "--json")
+    assert code == 0
+    config = real_thinker_config()
+    t, a = config.text_config, config.audio_config
+    H, q, kv, E, I = t.hidden_size, t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim, t.num_experts, t.moe_intermediate_size
+    attention = rank * ((H + q) + 2 * (H + kv) + (q + H))  # q, k, v, o: A [r, in] + B [out, r]
+    experts = E * rank * (2 * (H + I) + (I + H))  # gate, up: A [E, r, H] B [E, I, r]; down: A [E, r, I] B [E, H, r]
+    audio = 3 * rank * 2 * a.d_model  # the audio encoder's q_proj, k_proj, v_proj match the same names
+    adapters = t.num_hidden_layers * (attention + experts) + a.encoder_layers * audio
+    assert payload["param_groups"]["lora"] == adapters
+    assert payload["trainable_params"] == adapters  # only the adapters train
+    assert all(payload["design_check"].values()), payload["params_b"]  # the frozen base is the whole thinker
+    base = sum(payload["param_groups"].values()) - adapters
+    breakdown = payload["breakdown_gib"]
+    assert breakdown["frozen_params"] == pytest.approx(base * 2 / gpus / GIB)  # held in bf16 (lora_frozen_in_param_dtype)
+    assert breakdown["params"] == pytest.approx(adapters * 4 / gpus / GIB)
+    assert breakdown["adamw_states"] == pytest.approx(2 * adapters * 4 / gpus / GIB)
+    assert breakdown["act_vision"] == 0 < breakdown["act_audio"]  # no ViT adapter: the ViT keeps no activations
+    fewest, full = payload["fewest_gpus"], payload["full_fine_tuning"]
+    assert fewest["per_rank_gib"] <= payload["gpu_mem_gib"] and fewest["gpus"] < full["fewest_gpus"]["gpus"]
+    assert full["per_rank_gib"] > payload["per_rank_gib"]
+    assert "fewest 80 GiB GPUs" in out
+
+
+def test_plan_lora_matches_memory_measured_on_cpu_ranks(capsys):
+    """The plan against the per-rank memory of a real LoRA step under FSDP2 on 2 gloo ranks (the
+    reduced thinker): the sharded state exactly, the step's peak within 15 %."""
+    code, payload, out = run_bench(capsys, "plan", "--gpus", "2", "--ep", "1", "--lora-rank", "8", "--measure-cpu", "--json")
+    assert code == 0
+    measured = payload["measured_cpu"]
+    assert measured["ratios"]["static"] == pytest.approx(1, rel=1e-3), measured
+    assert 0.85 <= measured["ratios"]["peak"] <= 1.15, measured
+    assert all(math.isfinite(r["loss"]) for r in measured["ranks"])
+    assert_machine(payload)
+    assert "planned / measured" in out
+
+
 def test_gpu_contract(capsys):
     code, payload, _ = run_bench(capsys, "gpu", "--quick", "--json")
     assert code == 0

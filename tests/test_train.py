@@ -76,7 +76,7 @@ def test_unknown_keys_fail_with_the_closest_spelling(monkeypatch, tmp_path):
         _parse([str(TINY), "--omni.on_nonfinite_loss", "ignore"], monkeypatch)
 
 
-@pytest.mark.parametrize("name, world", [("qwen3_omni_30b_a3b_8gpu.yaml", 8), ("qwen3_omni_30b_a3b_multinode.yaml", 32)])
+@pytest.mark.parametrize("name, world", [("qwen3_omni_30b_a3b_8gpu.yaml", 8), ("qwen3_omni_30b_a3b_multinode.yaml", 32), ("qwen3_omni_30b_a3b_lora.yaml", 2)])
 def test_gpu_recipes_fit_the_released_model_on_their_ranks(name, world, monkeypatch):
     from veomni_omni.bench.configs import real_thinker_config
     from veomni_omni.train import check_layout

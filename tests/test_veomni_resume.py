@@ -260,3 +260,23 @@ def test_unfinished_saves_are_not_picked(straight, tmp_path):
     shutil.copytree(newest, output / "checkpoints" / f".global_step_{STEPS + 2}.tmp")
     shutil.copytree(newest, output / "checkpoints" / f"global_step_{STEPS + 4}", ignore=shutil.ignore_patterns(".metadata"))
     assert get_checkpoint_path(str(output), True, "dcp") == str(newest)
+
+
+def test_lora_run_resumes_exactly(config, tmp_path):
+    """A LoRA run (`model.lora_config`: attention and per-expert adapters, EP 2) killed at step 3 and started
+    again with `load_path: auto`: VeOmni's trainable-only checkpoint holds the adapters and their optimizer
+    state, the base is loaded from the released checkpoint again, and the run matches the uninterrupted one."""
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"]["lora_config"] = {"rank": 4, "alpha": 8, "lora_modules": ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]}
+    lora = tmp_path / "lora.yaml"
+    lora.write_text(yaml.safe_dump(cfg))
+    straight_lora = tmp_path / "straight"
+    _train(lora, straight_lora)
+    out = tmp_path / "run"
+    _killed(lora, out, f"step:{DIE_AT}")
+    log = _train(lora, out, overrides=["--train.checkpoint.load_path", "auto"])
+    assert f"Load distributed checkpoint from {_checkpoint(out, 2)} successfully" in log
+    model_keys = [k for k in _dcp_tensors(_checkpoint(out, STEPS), tmp_path / "keys.pt") if k.startswith("model.")]
+    base = [k for k in model_keys if not (".lora_A." in k or ".lora_B." in k or k.endswith(".lora_scaling"))]  # the experts' scale: a buffer
+    assert model_keys and not base, f"the checkpoint holds base weights: {base[:3]}"
+    _assert_same_run(out, straight_lora, tmp_path)

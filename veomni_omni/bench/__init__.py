@@ -10,7 +10,7 @@ holding its ratios (or sizes) and the machine it ran on (`machine`).
 BENCHMARKS = {
     "overhead": ("overhead", "patched thinker vs unpatched HF, same weights, fwd+bwd step time (CPU)"),
     "host": ("host", "veomni_omni's thinker vs VeOmni 0.1.12's own generated model, fwd+bwd (CPU)"),
-    "plan": ("plan", "full 30B-A3B thinker on meta: per-rank memory under an FSDP/EP/SP layout"),
+    "plan": ("plan", "full 30B-A3B thinker on meta: per-rank memory under an FSDP/EP/SP layout, full FT or LoRA; fewest GPUs"),
     "gpu": ("gpu", "reduced-depth thinker at real widths, bf16: tokens/s, MFU, peak memory, vs VeOmni (CUDA)"),
     "sp": ("sp", "Ulysses SP: fill-back memory and audio work vs the all-gather way, host syncs (2 and 4 gloo ranks)"),
 }

@@ -24,15 +24,38 @@ MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) so gradients are fp32 
 states fp32, no separate master copy (the fp32 shard is the master): 16 B/param.
 `--param-dtype bf16 --grad-dtype bf16 --master-dtype fp32` models bf16 params/grads with an fp32
 master (also 16 B/param); `--optim-dtype bf16` halves the AdamW state.
+
+LoRA (`--lora-rank R`): the meta thinker is wrapped in VeOmni's `VeOmniLoraModel` exactly as its trainer
+does (`lora_config` → `resolve_fused_moe_lora_targets` → `VeOmniLoraConfig.from_yaml`), so adapter counts
+are those of VeOmni's wrappers (dense `LoraLinear`; per-expert `LoraIndependentExperts`: gate, up, down
+each A:[E,r,in] B:[E,out,r]). Same layout rules: FSDP2 shards frozen and trainable parameters alike
+(one parameter group per unit), the adapters of the experts are EP-sharded with them (VeOmni adds them
+to the EP plan as Shard(0)). So:
+  static      = trainable/gpus · (param + grad + master + 2·optimizer) + frozen/gpus · compute
+                (VeOmni upcasts the whole model with mixed precision, `model.float()`; veomni_omni's patch
+                `lora_frozen_in_param_dtype` then holds the frozen base in param_dtype, the adapters fp32.
+                Without mixed precision VeOmni builds in bf16 and the adapters take their base's dtype)
+  fsdp        = root and units gathered whole in compute dtype, frozen weights too (the backward needs
+                them for input gradients); gradients only for the trainable part
+  activations = the full-fine-tuning model for every part that trains or lies downstream of a trainable
+                part (the backward runs through it), plus each adapter's A output (r per token per
+                adapted linear, k·r per routed copy for expert adapters); a frozen part with nothing
+                trainable upstream (the ViT without ViT adapters, the audio conv front end) builds no
+                autograd graph and keeps nothing.
+The plan also searches the fewest GPUs (and the EP size among the divisors) on which the layout fits.
+`--measure-cpu` checks the model against a real FSDP2 step of a reduced thinker on 2 CPU ranks (`plan_cpu`).
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
+from ..checkpoint.lora import is_adapter_param
 from .common import base_parser, emit, format_table, machine_info
 
 GIB = 2**30
@@ -40,6 +63,10 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "none": 0}
 
 # DESIGN.md section 3, in billions of parameters.
 DESIGN_PARAMS_B = {"thinker": 31.7, "experts": 29.0, "audio": 0.65, "vision": 0.54}
+
+# VeOmni's names for Qwen-family LoRA (its config.QWEN2_LORA_MODULES): attention projections, and the
+# MLP names that VeOmni maps onto the fused experts (gate_up_proj, down_proj) of a MoE model.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def build_meta_thinker(config=None):
@@ -54,11 +81,30 @@ def build_meta_thinker(config=None):
         return Qwen3OmniMoeThinkerForConditionalGeneration(config)
 
 
+def lora_config(rank: int, targets=LORA_TARGETS, alpha: int | None = None) -> dict:
+    """A `model.lora_config` in VeOmni's YAML keys (alpha scales the update, not the memory)."""
+    return {"rank": rank, "alpha": alpha or 2 * rank, "lora_modules": list(targets)}
+
+
+def apply_lora(model, config: dict):
+    """`model` wrapped in VeOmni's native LoRA as its trainer's `_setup_lora` wraps it; returns the
+    `VeOmniLoraModel` (its `get_base_model()` is `model`, adapters injected in place)."""
+    from veomni.lora import VeOmniLoraConfig, VeOmniLoraModel, resolve_fused_moe_lora_targets
+
+    resolved = resolve_fused_moe_lora_targets(model, config)  # gate/up/down_proj -> the fused experts
+    wrapped = VeOmniLoraModel(model, VeOmniLoraConfig.from_yaml(resolved))
+    if not any(p.requires_grad for p in wrapped.parameters()):
+        raise ValueError(f"LoRA targets {config['lora_modules']} matched no module of {type(model).__name__}")
+    return wrapped
+
+
 def parameter_groups(model) -> dict[str, int]:
-    """Parameter counts by role (names as in transformers 5.22's thinker)."""
-    groups = dict.fromkeys(["experts", "router", "attention", "norms", "embed_tokens", "lm_head", "vision", "audio"], 0)
+    """Parameter counts by role (names as in transformers 5.22's thinker); LoRA adapters on their own."""
+    groups = dict.fromkeys(["experts", "router", "attention", "norms", "embed_tokens", "lm_head", "vision", "audio", "lora"], 0)
     for name, p in model.named_parameters():
-        if name.startswith("model.visual."):
+        if is_adapter_param(name):
+            key = "lora"
+        elif name.startswith("model.visual."):
             key = "vision"
         elif name.startswith("model.audio_tower."):
             key = "audio"
@@ -78,26 +124,47 @@ def parameter_groups(model) -> dict[str, int]:
     return groups
 
 
-def _numel(module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def _numel(module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def fsdp_units(model, ep: int) -> dict[str, int]:
-    """Parameters all-gathered per FSDP unit on one rank: a text layer holds only its local experts."""
+def fsdp_units(model, ep: int, trainable_only: bool = False) -> dict[str, int]:
+    """Parameters all-gathered per FSDP unit on one rank (`trainable_only`: those of them that get
+    gradients): a text layer holds only its local experts (and their adapters)."""
+    numel = lambda module: _numel(module, trainable_only)  # noqa: E731
     text_layer = model.model.language_model.layers[0]
-    experts = _numel(text_layer.mlp.experts)
+    experts = numel(text_layer.mlp.experts)
     units = {
-        "text_layer": _numel(text_layer) - experts + experts // ep,
-        "vit_block": _numel(model.model.visual.blocks[0]),
-        "audio_layer": _numel(model.model.audio_tower.layers[0]),
+        "text_layer": numel(text_layer) - experts + experts // ep,
+        "vit_block": numel(model.model.visual.blocks[0]),
+        "audio_layer": numel(model.model.audio_tower.layers[0]),
     }
     wrapped = (
-        sum(_numel(layer) for layer in model.model.language_model.layers)
-        + sum(_numel(b) for b in model.model.visual.blocks)
-        + sum(_numel(layer) for layer in model.model.audio_tower.layers)
+        sum(numel(layer) for layer in model.model.language_model.layers)
+        + sum(numel(b) for b in model.model.visual.blocks)
+        + sum(numel(layer) for layer in model.model.audio_tower.layers)
     )
-    units["root"] = _numel(model) - wrapped
+    units["root"] = numel(model) - wrapped
     return units
+
+
+def _lora_ranks(module, routed_copies: int) -> int:
+    """Elements of adapter A outputs per token that `module` keeps for backward: r per adapted
+    linear, and per adapted expert projection r for each of the token's routed copies."""
+    from veomni.lora import LoraLinear
+    from veomni.lora.moe_layers import is_lora_moe_experts
+
+    total = 0
+    for m in module.modules():
+        if isinstance(m, LoraLinear):
+            total += sum(m.r.values())
+        elif is_lora_moe_experts(m):
+            total += routed_copies * sum(spec.lora_A[a].weight.shape[-2] for spec in (m.gate_proj, m.up_proj, m.down_proj) for a in spec.lora_A)
+    return total
+
+
+def _trains(params) -> bool:
+    return any(p.requires_grad for p in params)
 
 
 @dataclass
@@ -118,6 +185,9 @@ class ActivationModel:
     with gradient checkpointing (HF's GradientCheckpointingLayer: text layers, ViT blocks, audio
     layers) only each layer's input is kept (H, Hv, Ha), plus recomputing the largest layer in
     backward: its activations and as much again for their gradients.
+    LoRA (`from_model` on a wrapped model): + the adapters' A outputs per token and layer (lora_*);
+    a part keeps activations only if it or a part upstream of it trains (vision_trains: ViT and
+    mergers; audio_front_trains: the conv front end; the audio layers train if any audio parameter does).
     """
 
     H: int
@@ -136,6 +206,28 @@ class ActivationModel:
     Ia: int
     audio_layers: int
     conv_per_token: float
+    lora_text: int = 0
+    lora_vit: int = 0
+    lora_audio: int = 0
+    vision_trains: bool = True
+    audio_front_trains: bool = True
+    audio_trains: bool = True
+
+    @classmethod
+    def from_model(cls, model) -> "ActivationModel":
+        """From the config, with what the (possibly LoRA-wrapped) model trains."""
+        acts = cls.from_config(model.config)
+        visual, audio = model.model.visual, model.model.audio_tower
+        front = [p for n, p in audio.named_parameters() if n.startswith("conv")]
+        return dataclasses.replace(
+            acts,
+            lora_text=_lora_ranks(model.model.language_model.layers[0], acts.k),
+            lora_vit=_lora_ranks(visual.blocks[0], 1),
+            lora_audio=_lora_ranks(audio.layers[0], 1),
+            vision_trains=_trains(visual.parameters()),
+            audio_front_trains=_trains(front),
+            audio_trains=_trains(audio.parameters()),
+        )
 
     @classmethod
     def from_config(cls, config) -> "ActivationModel":
@@ -155,38 +247,48 @@ class ActivationModel:
 
     @property
     def text_layer(self) -> int:
-        return (2 * self.H + 3 * self.q + 3 * self.kv) + (2 * self.H + 4 * self.E) + self.k * (2 * self.H + 3 * self.I)
+        return (2 * self.H + 3 * self.q + 3 * self.kv) + (2 * self.H + 4 * self.E) + self.k * (2 * self.H + 3 * self.I) + self.lora_text
 
     @property
     def vit_block(self) -> int:
-        return 8 * self.Hv + 2 * self.Iv
+        return (8 * self.Hv + 2 * self.Iv + self.lora_vit) * self.vision_trains
 
     @property
     def audio_layer(self) -> int:
-        return 8 * self.Ha + 2 * self.Ia
+        return (8 * self.Ha + 2 * self.Ia + self.lora_audio) * self.audio_trains
 
     def elements(self, tokens: float, visual_tokens: float, audio_tokens: float, checkpointing: bool) -> dict[str, float]:
         patches = visual_tokens * self.merge
+        mergers = visual_tokens * self.mergers * 4 * self.merge * self.Hv * self.vision_trains
+        conv = audio_tokens * self.conv_per_token * self.audio_front_trains
         per = {
             "text": tokens * (self.text_layer * self.text_layers + 4 * self.H),  # + embeddings, final norm, lm_head input
-            "vision": patches * self.vit_block * self.vit_blocks + visual_tokens * self.mergers * 4 * self.merge * self.Hv,
-            "audio": audio_tokens * (self.audio_layer * self.audio_layers + self.conv_per_token),
+            "vision": patches * self.vit_block * self.vit_blocks + mergers,
+            "audio": audio_tokens * self.audio_layer * self.audio_layers + conv,
         }
         if not checkpointing:
             return per
         recompute = 2 * max(tokens * self.text_layer, patches * self.vit_block, audio_tokens * self.audio_layer)
         return {
             "text": tokens * (self.H * self.text_layers + 4 * self.H),
-            "vision": patches * self.Hv * self.vit_blocks + visual_tokens * self.mergers * 4 * self.merge * self.Hv,
-            "audio": audio_tokens * (self.Ha * self.audio_layers + self.conv_per_token),
+            "vision": patches * self.Hv * self.vit_blocks * self.vision_trains + mergers,
+            "audio": audio_tokens * self.Ha * self.audio_layers * self.audio_trains + conv,
             "recompute": recompute,
         }
+
+
+def build_planned_model(args, config=None):
+    """The thinker on meta, LoRA-wrapped when `args.lora_rank` (returns the thinker, adapters injected)."""
+    model = build_meta_thinker(config)
+    if args.lora_rank:
+        apply_lora(model, lora_config(args.lora_rank, args.lora_targets))
+    return model
 
 
 def plan(args, model=None) -> dict:
     if args.gpus % args.ep or args.gpus % args.sp:
         raise SystemExit(f"--ep ({args.ep}) and --sp ({args.sp}) must divide --gpus ({args.gpus})")
-    model = model or build_meta_thinker()
+    model = model or build_planned_model(args)
     config = model.config
     text = config.text_config
     if text.num_experts % args.ep:
@@ -194,41 +296,57 @@ def plan(args, model=None) -> dict:
 
     groups = parameter_groups(model)
     total = sum(groups.values())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = total - trainable
+    base = total - groups["lora"]
     counts_b = {
-        "thinker": total / 1e9,
+        "thinker": base / 1e9,
         "experts": groups["experts"] / 1e9,
         "audio": groups["audio"] / 1e9,
         "vision": groups["vision"] / 1e9,
-        "text_dense": (total - groups["experts"] - groups["audio"] - groups["vision"]) / 1e9,
+        "text_dense": (base - groups["experts"] - groups["audio"] - groups["vision"]) / 1e9,
+        "lora_adapters": groups["lora"] / 1e9,
+        "trainable": trainable / 1e9,
     }
     design_check = {k: abs(round(counts_b[k], 2) - v) <= 0.05 * max(v, 1) for k, v in DESIGN_PARAMS_B.items()}
 
     b_param, b_grad, b_master, b_optim = (BYTES[args.param_dtype], BYTES[args.grad_dtype], BYTES[args.master_dtype], BYTES[args.optim_dtype])
     b_compute, b_reduce = BYTES[args.compute_dtype], BYTES[args.reduce_dtype]
-    per_rank_params = total / args.gpus  # dense over all ranks; experts: 1/ep each, then 1/(gpus/ep)
+    # dense over all ranks; experts: 1/ep each, then 1/(gpus/ep): 1/gpus of every parameter either way
+    per_rank_trainable, per_rank_frozen = trainable / args.gpus, frozen / args.gpus
     static = {
-        "params": per_rank_params * b_param,
-        "grads": per_rank_params * b_grad,
-        "master": per_rank_params * b_master,
-        "adamw_states": per_rank_params * 2 * b_optim,
+        "params": per_rank_trainable * b_param,
+        "grads": per_rank_trainable * b_grad,
+        "master": per_rank_trainable * b_master,
+        "adamw_states": per_rank_trainable * 2 * b_optim,
     }
+    if frozen:  # a LoRA model's frozen base is held in the compute dtype (patch lora_frozen_in_param_dtype)
+        static["frozen_params"] = per_rank_frozen * b_compute
 
     units = fsdp_units(model, args.ep)
-    largest = max(units["text_layer"], units["vit_block"], units["audio_layer"])
+    trained_units = fsdp_units(model, args.ep, trainable_only=True)
+    layer_bytes = {
+        unit: units[unit] * (1 + args.prefetch) * b_compute + trained_units[unit] * b_reduce
+        for unit in ("text_layer", "vit_block", "audio_layer")
+    }
     fsdp = {
-        "root_unsharded": units["root"] * b_compute * 2,  # params + their grads until the final reduce-scatter
-        "layer_unsharded": largest * ((1 + args.prefetch) * b_compute + b_reduce),
+        "root_unsharded": (units["root"] + trained_units["root"]) * b_compute,  # params + their grads until the final reduce-scatter
+        "layer_unsharded": max(layer_bytes.values()),
     }
 
     tokens = args.seq_len * args.micro_batch / args.sp
     visual, audio = tokens * args.visual_frac, tokens * args.audio_frac
-    acts = ActivationModel.from_config(config)
+    acts = ActivationModel.from_model(model)
     act_bytes = {}
     for mode, ckpt in (("with_ckpt", True), ("without_ckpt", False)):
         elements = acts.elements(tokens, visual, audio, ckpt)
         act_bytes[mode] = {k: v * b_compute for k, v in elements.items()}
-        if args.ce == "full":  # bf16 logits + fp32 upcast + fp32 grad
-            act_bytes[mode]["logits"] = tokens * text.vocab_size * (b_compute + 8)
+        if args.ce == "full":
+            # Peak of the loss backward: bf16 logits, fp32 log-probabilities saved by log_softmax, their incoming
+            # gradient and the one being made (measured: `--measure-cpu`). It comes before any layer's backward has
+            # gathered a unit, recomputed a layer or made a gradient: only what exceeds that phase counts.
+            layer_phase = static["grads"] + fsdp["layer_unsharded"] + elements.get("recompute", 0) * b_compute
+            act_bytes[mode]["logits"] = max(0.0, tokens * text.vocab_size * (b_compute + 12) - layer_phase)
     mode = "with_ckpt" if args.grad_ckpt else "without_ckpt"
 
     fixed = sum(static.values()) + sum(fsdp.values()) + args.overhead_gib * GIB
@@ -254,6 +372,7 @@ def plan(args, model=None) -> dict:
             "seq_len": args.seq_len, "micro_batch": args.micro_batch, "tokens_per_rank": tokens,
             "visual_frac": args.visual_frac, "audio_frac": args.audio_frac, "grad_ckpt": args.grad_ckpt, "ce": args.ce,
         },
+        "lora": {"rank": args.lora_rank, "targets": list(args.lora_targets)} if args.lora_rank else None,
         "breakdown_gib": {k: v / GIB for k, v in breakdown.items()},
         "activations_gib": {m: sum(v.values()) / GIB for m, v in act_bytes.items()},
         "per_rank_gib_by_mode": per_rank_by_mode,
@@ -264,9 +383,11 @@ def plan(args, model=None) -> dict:
         },
         "params_b": counts_b,
         "param_groups": groups,
+        "trainable_params": trainable,
         "design_params_b": DESIGN_PARAMS_B,
         "design_check": design_check,
         "fsdp_units_params": units,
+        "fsdp_units_trainable_params": trained_units,
         "dtypes": {
             "param": args.param_dtype, "grad": args.grad_dtype, "master": args.master_dtype,
             "adamw_state": args.optim_dtype, "compute": args.compute_dtype, "reduce": args.reduce_dtype,
@@ -274,6 +395,21 @@ def plan(args, model=None) -> dict:
         "bytes_per_param_static": b_param + b_grad + b_master + 2 * b_optim,
         "warnings": warnings,
     }
+
+
+def fewest_gpus(args, model, max_gpus: int = 1024) -> dict | None:
+    """The fewest GPUs (with the EP size, among those dividing the GPUs and the experts, that needs
+    the least memory) on which `args`' run fits; None if none up to `max_gpus` does."""
+    experts = model.config.text_config.num_experts
+    for gpus in range(args.sp, max_gpus + 1, args.sp):
+        layouts = [
+            plan(argparse.Namespace(**{**vars(args), "gpus": gpus, "ep": ep}), model)
+            for ep in range(1, gpus + 1) if gpus % ep == 0 and experts % ep == 0
+        ]
+        best = min(layouts, key=lambda r: r["per_rank_gib"])
+        if best["fits"]:
+            return {"gpus": gpus, "ep": best["layout"]["ep"], "per_rank_gib": best["per_rank_gib"], "breakdown_gib": best["breakdown_gib"]}
+    return None
 
 
 def build_parser():
@@ -298,13 +434,27 @@ def build_parser():
     parser.add_argument("--prefetch", type=int, default=1, help="FSDP units all-gathered ahead of the running one")
     parser.add_argument("--overhead-gib", type=float, default=4.0, help="CUDA context, NCCL, fragmentation")
     parser.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (VeOmni's native LoRA); 0: full fine-tuning")
+    parser.add_argument(
+        "--lora-targets", type=lambda v: tuple(t for t in v.split(",") if t), default=LORA_TARGETS,
+        help="comma-separated `lora_modules` (VeOmni maps gate_proj/up_proj/down_proj to the fused experts; "
+        "note that q_proj/k_proj/v_proj also name the audio tower's attention; ViT: qkv,proj,linear_fc1,linear_fc2)",
+    )
+    parser.add_argument("--measure-cpu", action="store_true", help="also run a reduced thinker under FSDP2 on 2 CPU ranks (gloo) and compare its per-rank memory with the plan")
+    parser.add_argument("--measure-ep", type=int, choices=[1, 2], default=1, help="EP size of the --measure-cpu run")
     parser.add_argument("--quick", action="store_true", help="accepted for symmetry; plan is always quick")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    result = plan(args)
+    model = build_planned_model(args)
+    result = plan(args, model)
+    result["fewest_gpus"] = fewest_gpus(args, model)
+    if args.lora_rank:  # the same run as full fine-tuning
+        full_args = argparse.Namespace(**{**vars(args), "lora_rank": 0})
+        full_model = build_planned_model(full_args)
+        result["full_fine_tuning"] = {"per_rank_gib": plan(full_args, full_model)["per_rank_gib"], "fewest_gpus": fewest_gpus(full_args, full_model)}
     lay = result["layout"]
     print(
         format_table(
@@ -342,5 +492,28 @@ def main(argv=None) -> int:
     )
     for warning in result["warnings"]:
         print(f"warning: {warning}")
+    if args.lora_rank:
+        params = result["params_b"]
+        print(
+            f"LoRA rank {args.lora_rank} on {','.join(args.lora_targets)}: {params['lora_adapters'] * 1e3:.1f}M adapter parameters "
+            f"trained (fp32 shards, grads, AdamW states at {result['bytes_per_param_static']} B/param), "
+            f"{params['thinker']:.2f}B frozen at {BYTES[args.compute_dtype]} B/param"
+        )
+    fewest = result["fewest_gpus"]
+    print(
+        f"fewest {args.gpu_mem_gib:.0f} GiB GPUs: {fewest['gpus']} (ep {fewest['ep']}, sp {args.sp}) at {fewest['per_rank_gib']:.1f} GiB per GPU"
+        if fewest else f"fits on no layout of up to 1024 {args.gpu_mem_gib:.0f} GiB GPUs"
+    )
+    if args.lora_rank:
+        full = result["full_fine_tuning"]
+        full_fewest = full["fewest_gpus"]
+        print(
+            f"full fine-tuning, same layout: {full['per_rank_gib']:.1f} GiB per GPU; fewest GPUs "
+            + (f"{full_fewest['gpus']} (ep {full_fewest['ep']}) at {full_fewest['per_rank_gib']:.1f} GiB" if full_fewest else "none up to 1024")
+        )
+    if args.measure_cpu:
+        from .plan_cpu import measure_cpu
+
+        result["measured_cpu"] = measure_cpu(args)
     emit({"benchmark": "plan", **result, "machine": machine_info()}, args.json)
     return 0

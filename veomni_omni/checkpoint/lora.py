@@ -72,7 +72,6 @@ class Adapter:
     b: str
     scale: float
     rows: Optional[slice]  # the gate or up half of a fused gate_up_proj [E, 2I, H]
-    module: str  # bare name of the adapted module (experts: the experts module)
     spec: Optional[str] = None  # experts: gate_proj / up_proj / down_proj
     num_experts: int = 0
 
@@ -91,7 +90,7 @@ def adapters(model: torch.nn.Module) -> list[Adapter]:
             name = module.active_adapter
             found.append(Adapter(
                 f"{bare}.weight", f"{fqn}.lora_A.{name}.weight", f"{fqn}.lora_B.{name}.weight",
-                float(module.scaling[name]), None, bare,
+                float(module.scaling[name]), None,
             ))
         elif is_lora_moe_experts(module):
             size = module.intermediate_dim
@@ -100,7 +99,7 @@ def adapters(model: torch.nn.Module) -> list[Adapter]:
                 base = f"{bare}.down_proj" if spec == "down_proj" else f"{bare}.gate_up_proj"
                 found.append(Adapter(
                     base, f"{fqn}.{spec}.lora_A.{module.adapter_name}.weight", f"{fqn}.{spec}.lora_B.{module.adapter_name}.weight",
-                    module._lora_scale_value, halves.get(spec), bare, spec, module.num_experts,
+                    module._lora_scale_value, halves.get(spec), spec, module.num_experts,
                 ))
     return found
 
