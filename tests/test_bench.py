@@ -158,7 +158,7 @@ def test_gpu_workload_is_well_formed():
     from veomni_omni.bench.gpu import activated_text_params, gpu_config, gpu_mixed_rows, step_flops
     from veomni_omni.testing import TOKENS, build_batch
 
-    # DESIGN.md section 3: ≈ 3.0B activated parameters per token in the full thinker.
+    # docs/design.md §3: ≈ 3.0B activated parameters per token in the full thinker.
     assert abs(activated_text_params(real_thinker_config())["total"] / 1e9 - 3.0) < 0.1
     config = gpu_config()
     batch = build_batch(gpu_mixed_rows(2048, config), config)

@@ -2,7 +2,7 @@
 
 One torchrun process group per layout runs every case; the loss, every gradient (FSDP shards gathered,
 EP shards concatenated), the router logits, the aux loss and the expert load must equal the
-single-process, unpatched HF reference on the whole global batch (DESIGN.md section 7).
+single-process, unpatched HF reference on the whole global batch (docs/design.md §7).
 
 "replicated" cases give every rank the same rows (EP with no data-parallel split): the aux loss is on
 and must match. "split" cases give each rank its own row (EP folded into data parallelism, VeOmni's

@@ -1,7 +1,7 @@
 """FSDP2 without hangs: ranks holding different modalities (or none) all run every encoder.
 
 One torchrun process group per world size runs every case; gradients gathered from the shards must
-equal the single-process, unpatched HF reference on the whole global batch (DESIGN.md section 7).
+equal the single-process, unpatched HF reference on the whole global batch (docs/design.md §7).
 The router's auxiliary loss is off here: it is computed per rank (as in any data-parallel MoE
 trainer) and, being non-linear in the token fractions, is not the global batch's aux loss.
 """

@@ -1,7 +1,7 @@
 """Ulysses sequence parallelism: each rank holds a slice of a packed multimodal sequence.
 
 Gathered gradients must equal the single-process, unpatched HF reference on the same samples
-(unpacked rows), for SP=2, SP=4, SP=2 × FSDP=2 and EP=2 × SP=2 (DESIGN.md section 7). Router aux loss off, as
+(unpacked rows), for SP=2, SP=4, SP=2 × FSDP=2 and EP=2 × SP=2 (docs/design.md §7). Router aux loss off, as
 in tests/test_fsdp.py. Every audio clip has at least one full 100-frame chunk: HF's audio tower pads
 all chunks of a call to the longest one, and a clip convolved without that padding rounds
 differently (~1e-6 relative in its outputs, which the tiny conv-bias gradients amplify past the bar).

@@ -8,7 +8,7 @@ image and audio, audio-in-video, ...). `tests/dist/veomni_trainer_parity.py` rec
 starting weights, micro batches, gradients at `optimizer.step`, loss and grad norm; here each step is
 recomputed by the unpatched single-process HF thinker on the same weights and the whole global batch
 (every micro batch unpacked back into HF's layout), and the loss, every gradient and the grad norm
-must match (DESIGN.md section 7: max|got - ref| <= 1e-5 max|ref| per tensor, see `parity_errors`).
+must match (docs/design.md §7: max|got - ref| <= 1e-5 max|ref| per tensor, see `parity_errors`).
 
 VeOmni's loss is the global token mean over all ranks' micro batches (`mean_global_loss`), which is
 HF's mean over the global batch. The router's auxiliary loss is off, as in tests/test_fsdp.py: it is

@@ -1,6 +1,6 @@
 """Small, named adaptations that let VeOmni 0.1.12's training machinery run on CPU (gloo).
 
-VeOmni supports CUDA, NPU and MLU only (DESIGN.md section 4 item 1). Its parallel state, Ulysses
+VeOmni supports CUDA, NPU and MLU only (docs/design.md §4). Its parallel state, Ulysses
 all-to-all and FSDP2 wrapping already work on CPU once a gloo process group exists; what fails is
 the glue around them. Each adaptation below is one function VeOmni calls, replaced by a version
 that answers for CPU and otherwise defers to VeOmni's own. Nothing is forked: the replacement is

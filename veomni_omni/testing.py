@@ -1,6 +1,6 @@
 """Tiny Qwen3-Omni-MoE configs, correctly shaped synthetic batches, and the parity bar.
 
-Shared by the tests, the benchmarks and the demo. Shapes follow DESIGN.md section 5: start/end
+Shared by the tests, the benchmarks and the demo. Shapes follow docs/design.md §7: start/end
 tokens around every placeholder run, pixel rows in grid order, one audio row per clip.
 """
 
@@ -32,7 +32,7 @@ TINY_VOCAB = 512
 FIRST_SPECIAL = 480  # plain text tokens are drawn from [1, FIRST_SPECIAL)
 PATCH_DIM = 3 * 2 * 16 * 16  # channels · temporal_patch · patch²
 MEL_BINS = 128
-PARITY_RTOL = 1e-5  # DESIGN.md section 7: max|got − ref| ≤ 1e-5 · max|ref| per tensor
+PARITY_RTOL = 1e-5  # docs/design.md §7: max|got − ref| ≤ 1e-5 · max|ref| per tensor
 ROUNDOFF_FLOOR = 1e-6  # see parity_errors
 
 

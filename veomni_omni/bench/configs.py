@@ -3,7 +3,7 @@
 - `cpu_thinker_config`: a "small but not tiny" thinker: every component of the real one (MoE with
   real routing, deepstack, audio chunking), widths chosen so a forward+backward on a mixed batch
   takes a few hundred ms on 2 CPU cores.
-- `real_thinker_config`: the Qwen3-Omni-30B-A3B thinker's dimensions (DESIGN.md section 3), for
+- `real_thinker_config`: the Qwen3-Omni-30B-A3B thinker's dimensions (docs/design.md §3), for
   `plan` (built on the meta device) and, with fewer layers, for `gpu`.
 
 Token ids are the tiny vocabulary's (`veomni_omni.testing.TOKENS`), so `build_batch` makes inputs

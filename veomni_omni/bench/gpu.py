@@ -22,7 +22,7 @@ FLOPs per step (`step_flops`), the MFU numerator, counted from the batch actuall
 = 3 × forward; a matmul with N parameters costs 2N FLOPs per row forward:
   text:   6 · N_act · tokens + 6 · L · q_dim · Σ_rows S²     (causal attention: S²/2 pairs × 4·q_dim × 3)
           N_act per token = per layer (q, k, v, o projections + router + top-k experts × 3·H·I) + lm_head
-          (≈ 3.0B for the full model: DESIGN.md's ≈ 18 GFLOP/token plus attention)
+          (≈ 3.0B for the full model: docs/design.md §3: ≈ 18 GFLOP/token plus attention)
   ViT:    6 · (depth · N_block + N_patch_embed) · patches + 12 · depth · Hv · Σ_frames (h·w)²
           + 6 · N_merger · (deepstack levels + 1) · visual LM tokens
   audio:  6 · (layers · N_layer + N_proj) · tokens + 12 · layers · Ha · Σ_windows w² + 3 · conv front end

@@ -73,7 +73,7 @@ def build_veomni_thinker(config, ops_config, state_dict: dict, dtype=torch.float
 
     Built from config the way VeOmni's builder does (OpSlots bound first), then loaded: on
     transformers 5.22 its from-config init leaves every expert and router weight at exactly zero
-    (DESIGN.md section 4.2), so it must not be relied on.
+    (docs/design.md §4 item 2), so it must not be relied on.
     """
     from veomni.models.auto import _bind_veomni_ops
 

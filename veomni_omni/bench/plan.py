@@ -1,7 +1,7 @@
 """plan: per-rank GPU memory of the full Qwen3-Omni-30B-A3B thinker under an FSDP2 / EP / Ulysses-SP layout.
 
 The thinker is built on the meta device from the real dimensions (`configs.real_thinker_config`),
-so parameter counts are exact; they are checked against DESIGN.md section 3.
+so parameter counts are exact; they are checked against docs/design.md §3.
 
 Layout (as VeOmni 0.1.12 builds its meshes): dense parameters (attention, router, norms,
 embeddings, lm_head, ViT, audio tower) are FSDP-sharded over all `gpus` ranks (VeOmni's
@@ -61,7 +61,7 @@ from .common import base_parser, emit, format_table, machine_info
 GIB = 2**30
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "none": 0}
 
-# DESIGN.md section 3, in billions of parameters.
+# docs/design.md §3, in billions of parameters.
 DESIGN_PARAMS_B = {"thinker": 31.7, "experts": 29.0, "audio": 0.65, "vision": 0.54}
 
 # VeOmni's names for Qwen-family LoRA (its config.QWEN2_LORA_MODULES): attention projections, and the
@@ -458,7 +458,7 @@ def main(argv=None) -> int:
     lay = result["layout"]
     print(
         format_table(
-            ["group", "params (B)", "DESIGN.md (B)", "ok"],
+            ["group", "params (B)", "docs/design.md (B)", "ok"],
             [
                 [k, result["params_b"][k], DESIGN_PARAMS_B.get(k, "-"), result["design_check"].get(k, "-")]
                 for k in ("thinker", "experts", "audio", "vision", "text_dense")

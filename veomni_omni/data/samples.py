@@ -1,6 +1,6 @@
 """One chat sample → Qwen3-Omni-MoE thinker inputs, with HF's own processor and rope index.
 
-`encode_sample(sample, processor, config)` returns, for a sample of S tokens (DESIGN.md section 5):
+`encode_sample(sample, processor, config)` returns, for a sample of S tokens (docs/design.md §7):
 
     input_ids (S,) long          placeholder runs expanded by `Qwen3OmniMoeProcessor` itself
     attention_mask (S,) long     all ones

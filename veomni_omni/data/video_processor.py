@@ -1,8 +1,8 @@
 """A torchvision-free Qwen-VL video processor (PIL + NumPy).
 
 transformers' `Qwen2VLVideoProcessor` (the video processor of Qwen3-Omni checkpoints) is a
-`TorchvisionBackend` class and refuses to load where torchvision cannot be imported (DESIGN.md
-section 1). `Qwen2VLVideoProcessorPil` produces the same `pixel_values_videos` and `video_grid_thw`
+`TorchvisionBackend` class and refuses to load where torchvision cannot be imported (docs/design.md
+§1). `Qwen2VLVideoProcessorPil` produces the same `pixel_values_videos` and `video_grid_thw`
 from the same settings, with the operations of HF's PIL image backend applied frame by frame:
 
 1. every frame of a video is resized to one `smart_resize`d size (factor patch_size·merge_size,
