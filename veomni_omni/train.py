@@ -46,7 +46,7 @@ from veomni.distributed.parallel_state import get_parallel_state
 from veomni.trainer.vlm_trainer import VeOmniVLMArguments, VLMTrainer
 
 from .checkpoint.veomni_io import LORA_ADAPTER_DIR
-from .data.checks import IGNORE_INDEX, input_problems, raise_on_problems
+from .data.checks import IGNORE_INDEX, input_problems, raise_on_problems, thinker_config_of
 from .data.sequence_parallel import check_divisible_heads
 from .data.synthetic import read_jsonl
 from .data.veomni_transform import SkipCounter
@@ -166,7 +166,7 @@ def write_tiny_model(tiny: TinyModel, path: Path, seed: int) -> None:
 
 def check_layout(args: OmniArguments, config, world: int) -> None:
     """Fail before any model is built on a layout VeOmni would build wrongly or fail on deep inside."""
-    thinker = getattr(config, "thinker_config", config)
+    thinker = thinker_config_of(config)
     text = thinker.text_config
     ep = args.train.accelerator.ep_size
     if world % ep:
@@ -189,7 +189,7 @@ class OmniTrainer(VLMTrainer):
         self.started = time.time()
         super().__init__(args)
         self.omni = args.omni
-        self.config = getattr(self.base.model_config, "thinker_config", self.base.model_config)
+        self.config = thinker_config_of(self.base.model_config)
         self.eval_samples = read_jsonl(self.omni.eval_path) if self.omni.eval_path else []
         self.losses: list = []
         self.evals: list = []

@@ -31,7 +31,8 @@ class BadInputError(ValueError):
     """Input the model cannot encode correctly; raised with the same message on every rank."""
 
 
-def _thinker_config(config):
+def thinker_config_of(config):
+    """The thinker's config, from a top-level Qwen3-Omni config or a thinker config."""
     return getattr(config, "thinker_config", config)
 
 
@@ -39,7 +40,7 @@ def input_problems(inputs: dict, config, name: Any = "batch") -> list[str]:
     """What is wrong with one sample's model inputs (`input_ids` of any shape; its grids, pixel rows
     and audio clips), each problem as one line starting with `name`. A whole collated batch can be
     checked this way too: its counts are then totals over the batch."""
-    config = _thinker_config(config)
+    config = thinker_config_of(config)
     ids = inputs["input_ids"]
     merge = config.vision_config.spatial_merge_size
     problems = []
@@ -132,7 +133,7 @@ def padding_batch(config) -> dict:
     no label. The patched thinker runs the encoders on dummies (FSDP collectives stay in step) and
     returns loss 0 and aux loss 0, so the rank contributes exactly zero loss and gradient. Under SP,
     pass it through `pack_rows` and `shard_for_sequence_parallel` like any batch."""
-    pad = _thinker_config(config).text_config.pad_token_id
+    pad = thinker_config_of(config).text_config.pad_token_id
     return {
         "input_ids": torch.full((1, 1), pad or 0, dtype=torch.long),  # never attended nor trained on
         "attention_mask": torch.zeros(1, 1, dtype=torch.long),

@@ -36,6 +36,7 @@ import torch
 
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf_modeling
 
+from .checks import IGNORE_INDEX, thinker_config_of
 from .media import SAMPLING_RATE, MediaError, load_audio, load_image, load_video
 
 __all__ = [
@@ -59,10 +60,6 @@ class SampleTooLong(ValueError):
 
 
 # ------------------------------------------------------------------------------------ config
-def _thinker_config(config):
-    return getattr(config, "thinker_config", config)
-
-
 def _token_ids(config, tokenizer) -> dict[str, int]:
     """Placeholder/start/end ids from the model config, checked against the processor's tokenizer
     (a processor for another vocabulary must fail loudly, not train on wrong masks)."""
@@ -253,7 +250,7 @@ def rope_positions(
     """(3, S) M-RoPE positions of one unpadded sequence: HF's
     `Qwen3OmniMoePreTrainedModelForConditionalGeneration.get_rope_index`, called unbound on a
     stand-in carrying only the config (no weights)."""
-    config = _thinker_config(config)
+    config = thinker_config_of(config)
     owner = hf_modeling.Qwen3OmniMoePreTrainedModelForConditionalGeneration
     holder = SimpleNamespace(config=config, spatial_merge_size=config.vision_config.spatial_merge_size)
     holder.get_llm_pos_ids_for_vision = partial(owner.get_llm_pos_ids_for_vision, holder)
@@ -360,7 +357,7 @@ def encode_sample(
     messages = sample["messages"] if isinstance(sample, dict) else sample
     if use_audio_in_video is None:
         use_audio_in_video = bool(sample.get("use_audio_in_video", False)) if isinstance(sample, dict) else False
-    thinker = _thinker_config(config)
+    thinker = thinker_config_of(config)
     ids = _token_ids(thinker, processor.tokenizer)
 
     images, videos, fps, audios = _load_media(messages, use_audio_in_video, media_root)
@@ -419,7 +416,7 @@ def encode_sample(
         if overflow == "drop":
             raise SampleTooLong(f"{len(expanded)} tokens > max_tokens={max_tokens}")
         out = _truncate(out, max_tokens, ids)
-        if not bool((out["labels"] != -100).any()):
+        if not bool((out["labels"] != IGNORE_INDEX).any()):
             raise SampleTooLong(f"nothing left to train on after truncating {len(expanded)} tokens to {max_tokens}")
 
     out["position_ids"] = rope_positions(

@@ -39,9 +39,7 @@ from transformers.vision_utils import (
 )
 
 from ..models.audio_tower import REFERENCE_WIDTHS_KWARG, chunk_reference_widths
-from .checks import BadInputError, input_problems
-
-IGNORE_INDEX = -100
+from .checks import IGNORE_INDEX, BadInputError, input_problems
 
 
 def pack_rows(batch: dict) -> dict:

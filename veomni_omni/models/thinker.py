@@ -9,6 +9,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, MoeModelOu
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf_modeling
 from transformers.utils import can_return_tuple
 
+from ..data.checks import IGNORE_INDEX
 from .sequence_parallel import sequence_parallel_forward
 from .encoders import dummy_audio_forward, dummy_vision_forward, encode_audio, encode_vision, encoders_must_run
 
@@ -195,7 +196,7 @@ def _zero_without_targets(loss: torch.Tensor, labels: torch.Tensor, shift_labels
     """HF's token mean over a batch with no supervised token is 0/0 = NaN; make it 0 (its gradients
     are already 0), so a padding-only batch adds nothing to the global loss. No host sync."""
     targets = shift_labels if shift_labels is not None else labels[..., 1:]
-    return torch.where((targets != -100).any(), loss, torch.zeros_like(loss))
+    return torch.where((targets != IGNORE_INDEX).any(), loss, torch.zeros_like(loss))
 
 
 def _balancing_mask(attention_mask: Optional[torch.Tensor], sp_inputs: Optional[dict]):

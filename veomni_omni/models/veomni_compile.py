@@ -26,6 +26,8 @@ from torch import nn
 from veomni.distributed import torch_compile as veomni_torch_compile
 from veomni.distributed.torch_compile import CompileConfig
 
+from ..data.checks import thinker_config_of
+
 # Captured before the patch set replaces them.
 _veomni_validate_compile_model = veomni_torch_compile.validate_compile_model
 _veomni_validate_compile_runtime = veomni_torch_compile.validate_compile_runtime
@@ -35,7 +37,7 @@ OMNI_MODEL_TYPES = ("qwen3_omni_moe", "qwen3_omni_moe_thinker")
 
 
 def _text_config(config):
-    return getattr(config, "thinker_config", config).get_text_config()
+    return thinker_config_of(config).get_text_config()
 
 
 def validate_compile_model(

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..data.checks import thinker_config_of
 from ..data.samples import rope_positions
 
 
@@ -36,7 +37,7 @@ class RopePositionIds:
     model, so veomni_omni's transform reads token ids and audio settings from here too."""
 
     def __init__(self, config):
-        self.config = getattr(config, "thinker_config", config)
+        self.config = thinker_config_of(config)
 
     def __call__(
         self,
@@ -87,7 +88,7 @@ class SequenceParallelShard:
     def __init__(self, config, sp_size: int, sp_rank: int):
         from ..data.sequence_parallel import check_divisible_heads
 
-        self.config = getattr(config, "thinker_config", config)
+        self.config = thinker_config_of(config)
         self.sp_size, self.sp_rank = sp_size, sp_rank
         check_divisible_heads(self.config, sp_size)
 
