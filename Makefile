@@ -26,4 +26,4 @@ test: setup
 
 ## Regenerate patches/*.diff from the code.
 diffs: setup
-	$(PY) -m veomni_omni.patching --write
+	$(PY) -m veomni_omni diffs --write

@@ -6,19 +6,17 @@ fingerprint the patch was written against; a mismatch raises `PatchFingerprintEr
 naming the function and the installed transformers (or VeOmni) version, unless the user opts out with
 `VEOMNI_OMNI_ALLOW_UNVERIFIED_PATCHES=1`.
 
-`python -m veomni_omni.patching --write` regenerates `patches/*.diff` (HF original vs our
+`python -m veomni_omni diffs --write` regenerates `patches/*.diff` (the upstream original vs our
 replacement); `--check` exits non-zero when one is stale.
 """
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import hashlib
 import importlib.metadata
 import inspect
 import os
-import sys
 import textwrap
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -184,30 +182,3 @@ def stale_diffs(patches: Iterable[Patch]) -> list[str]:
         for patch in patches
         if not diff_path(patch).exists() or diff_path(patch).read_text() != patch.diff()
     ]
-
-
-def main(argv=None) -> int:
-    from .patchset import PATCHES
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--write", action="store_true", help="regenerate patches/*.diff")
-    group.add_argument("--check", action="store_true", help="fail if any patches/*.diff is stale")
-    args = parser.parse_args(argv)
-    if args.write:
-        DIFF_DIR.mkdir(exist_ok=True)
-        for stale in DIFF_DIR.glob("*.diff"):
-            stale.unlink()
-        for patch in PATCHES:
-            diff_path(patch).write_text(patch.diff())
-            print(f"wrote {diff_path(patch)}")
-        return 0
-    stale = stale_diffs(PATCHES)
-    if stale:
-        print(f"stale diffs: {', '.join(stale)}; run `make diffs`", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
