@@ -473,9 +473,14 @@ def check_lora_export(checkpoint: Path, thinker_config, result: dict, output_dir
     assert any(".mlp.experts.0.gate_proj." in key for key in adapted), f"no per-expert adapters exported: {sorted(adapted)[:5]}"
     before, after = read_state(checkpoint), read_state(step_dir / "hf_ckpt")
     assert before.keys() == after.keys(), f"merged export keys differ from the released checkpoint's: {sorted(before.keys() ^ after.keys())[:5]}"
-    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    # Bytes, not values: the fixture's talker experts are HF 5.22's uninitialised memory (NaN can occur) and carried as they are.
+    changed = {key for key in before if not same_bytes(before[key], after[key])}
     updated = {key for key, moved in adapted.items() if moved}
     assert changed == updated, f"merged export: changed without an update {sorted(changed - updated)[:5]}, updated but unchanged {sorted(updated - changed)[:5]}"
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 def read_state(path: Path) -> dict:
