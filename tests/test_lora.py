@@ -52,3 +52,24 @@ def test_a_name_matching_no_linear_is_refused(models):
         resolve_fused_moe_lora_targets(models["omni"], {"lora_modules": ["qproj", "gate_proj", "up_proj", "down_proj"]})
     with pytest.raises(ValueError, match=r"\['q_porj'\] match no linear layer"):
         resolve_fused_moe_lora_targets(models["thinker"], {"lora_modules": ["q_porj"]})
+
+
+def test_expert_adapters_run_when_fsdp_has_subclassed_the_wrapper():
+    """FSDP2's `fully_shard` swaps a module's class for a generated subclass (VeOmni shards each experts
+    module on its own under EP); the LoRA experts forward must hand such a wrapper to VeOmni's forward too."""
+    config = tiny_omni_config().thinker_config
+    torch.manual_seed(0)
+    model = Qwen3OmniMoeThinkerForConditionalGeneration(config)
+    resolved = resolve_fused_moe_lora_targets(model, {"rank": 4, "alpha": 8, "lora_modules": ["gate_proj", "up_proj", "down_proj"]})
+    model = VeOmniLoraModel(model, VeOmniLoraConfig.from_yaml(resolved))
+    for module in model.modules():
+        if isinstance(module, LoraIndependentExperts):
+            torch.nn.init.normal_(module.get_lora_B_weight("gate_proj"))  # a non-zero update to lose
+    ids = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        for module in model.modules():
+            if isinstance(module, LoraIndependentExperts):
+                module.__class__ = type(f"FSDP{type(module).__name__}", (type(module),), {})
+        got = model(input_ids=ids).logits
+    assert torch.equal(got, want)

@@ -37,7 +37,7 @@ from torch.distributed.fsdp import FSDPModule
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 from transformers.utils import logging
-from veomni.lora.moe_layers import LoraIndependentExperts, LoraSharedExperts, is_lora_moe_experts
+from veomni.lora.moe_layers import LoraSharedExperts, is_lora_moe_experts
 
 logger = logging.get_logger(__name__)
 
@@ -387,17 +387,16 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     return dispatch_experts(self, hidden_states, top_k_index, top_k_weights, group, counts)
 
 
-LORA_FORWARD_PATCHES = {  # VeOmni's forward of each wrapper serves the cases it handles
-    LoraIndependentExperts: "lora_independent_experts_forward",
-    LoraSharedExperts: "lora_shared_experts_forward",
-}
+# VeOmni's forward of each wrapper serves the cases it handles. Looked up by isinstance: FSDP2's
+# fully_shard replaces a sharded module's class with a generated subclass.
+LORA_INDEPENDENT_FORWARD_PATCH = "lora_independent_experts_forward"
+LORA_SHARED_FORWARD_PATCH = "lora_shared_experts_forward"
 
 
-def _lora_fused_kernel_bound(experts: nn.Module) -> bool:
+def _lora_fused_kernel_bound(shared: bool) -> bool:
     from veomni.lora import ops as lora_ops
 
-    bound = lora_ops._fused_lora_moe_forward if isinstance(experts, LoraSharedExperts) else lora_ops._fused_independent_lora_moe_forward
-    return bound is not None
+    return (lora_ops._fused_lora_moe_forward if shared else lora_ops._fused_independent_lora_moe_forward) is not None
 
 
 def lora_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -413,9 +412,10 @@ def lora_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.T
     kernel = _fused_kernel(hidden_states) if _fused_matches_layout(group) else None
     if kernel is not None:
         _bind_fused_kernel(kernel)
-    if group is None or (kernel is not None and _lora_fused_kernel_bound(self)):
-        return original(LORA_FORWARD_PATCHES[type(self)])(self, hidden_states, top_k_index, top_k_weights)
-    if isinstance(self, LoraSharedExperts):
+    shared = isinstance(self, LoraSharedExperts)
+    if group is None or (kernel is not None and _lora_fused_kernel_bound(shared)):
+        return original(LORA_SHARED_FORWARD_PATCH if shared else LORA_INDEPENDENT_FORWARD_PATCH)(self, hidden_states, top_k_index, top_k_weights)
+    if shared:
         self._ensure_ep_grad_sync_hooks()  # the shared adapters see only this rank's experts' rows
     _reduce_gradients_with_sum_on_cpu(self)
     return dispatch_experts(self, hidden_states, top_k_index, top_k_weights, group, counts)
