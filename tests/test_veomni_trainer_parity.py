@@ -435,7 +435,7 @@ def test_veomni_trainer_matches_single_process_hf(checkpoint, tmp_path, name):
     if layout.get("lora"):
         check_zero_adapters_are_the_base(thinker_config, planned["steps"][0], planned["layout"], thinker_weights, layout["lora"])
     if layout.get("export"):
-        check_lora_export(checkpoint, thinker_config, planned, tmp_path / "planned", len(layout["steps"]))
+        check_lora_export(checkpoint, thinker_config, planned, tmp_path / "planned", len(layout["steps"]), layout["lora"])
 
 
 def check_zero_adapters_are_the_base(thinker_config, record: dict, layout: dict, thinker_weights: dict, lora) -> None:
@@ -447,14 +447,14 @@ def check_zero_adapters_are_the_base(thinker_config, record: dict, layout: dict,
     assert torch.equal(lora_loss, base_loss), f"zero adapters: loss {lora_loss.item()} vs the base model's {base_loss.item()}"
 
 
-def check_lora_export(checkpoint: Path, thinker_config, result: dict, output_dir: Path, steps: int) -> None:
+def check_lora_export(checkpoint: Path, thinker_config, result: dict, output_dir: Path, steps: int, lora) -> None:
     """The end of a LoRA run: the merged export (released layout, plain transformers) and the PEFT adapters
     (peft on the plain transformers model, per-expert adapters converted by peft onto 5.22's fused experts)
     give the trained adapter model's logits; the merged export changes exactly the adapted tensors."""
     step_dir = output_dir / "checkpoints" / f"global_step_{steps}"
     batch = global_batch(thinker_config, result["steps"][-1], result["layout"])
     with veomni_omni.unpatched(), torch.no_grad():
-        want = reference_thinker(thinker_config, result["final_weights"], lora=True)(**batch).logits
+        want = reference_thinker(thinker_config, result["final_weights"], lora=lora)(**batch).logits
         merged = Qwen3OmniMoeForConditionalGeneration.from_pretrained(step_dir / "hf_ckpt", dtype=torch.float32)
         base = Qwen3OmniMoeForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
         with_adapters = PeftModel.from_pretrained(base, step_dir / "lora_adapter")

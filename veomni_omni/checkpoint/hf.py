@@ -29,7 +29,7 @@ from safetensors import safe_open
 from .layout import model_layout
 from .publish import publish, staging_dir
 from .safetensors_io import INDEX_NAME, CheckpointError, ShardWriter, read_checkpoint, tensor_nbytes
-from .lora import AdapterGather, adapters, base_model, base_params, merge_into
+from .lora import AdapterGather, PeftAdapterExport, adapters, base_model, base_params, merge_into
 from .sharding import distinct_boxes, gather_to
 
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
@@ -126,6 +126,7 @@ def save_hf_checkpoint(
     processor=None,
     max_shard_size: int = 5 * 2**30,
     dtype: Optional[torch.dtype] = None,
+    peft: Optional[PeftAdapterExport] = None,
 ) -> Path:
     """Write `model` as a HF checkpoint at `path` (atomically; see `publish.py`). Every rank calls it.
 
@@ -134,7 +135,8 @@ def save_hf_checkpoint(
     processor files. Without it, the layout is the one `save_pretrained` writes for this model.
     `dtype` overrides the floating-point dtype of the model's tensors (default: the source's, else
     the parameter's). `processor` is saved too (after the source's files). A LoRA model (VeOmni's
-    `VeOmniLoraModel`) is written merged: each base weight plus its adapters' update.
+    `VeOmniLoraModel`) is written merged: each base weight plus its adapters' update; `peft` also
+    writes its adapters, gathered once for both.
     """
     rank, world = _rank_world()
     path = Path(path)
@@ -183,9 +185,11 @@ def save_hf_checkpoint(
         if full is not None and name in merges:
             full = full.float()  # the base may be held in bf16 (parallel/lora.py): merge in fp32
         for adapter in merges.get(name, ()):
-            a, b = gather_adapters.pair(adapter, owners)
+            a, b = gather_adapters.pair(adapter, owners | ({0} if peft is not None else set()))
             if full is not None:
                 merge_into(full, adapter, a, b)
+            if peft is not None and rank == 0:
+                peft.add(adapter, layout, a, b)
         if full is not None:
             for piece in layout.pieces[name]:
                 part = full[piece.region]
@@ -197,6 +201,8 @@ def save_hf_checkpoint(
                 write(key, f.get_tensor(key))
     if writers:
         raise RuntimeError(f"rank {rank}: shards left unfinished: {sorted(names[i] for i in writers)}")
+    if peft is not None and rank == 0:
+        peft.write()
 
     if rank == 0:
         index = {

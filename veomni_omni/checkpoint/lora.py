@@ -10,7 +10,7 @@ per expert `[E, r, in]` or shared `[r, in]`). Here:
   so loading and the released-layout export see the model they were written for;
 - `adapters`: each low-rank pair with the base region it updates (the gate and up halves of the
   fused `gate_up_proj`; every expert), for the merged export (`delta`);
-- `save_peft_adapter`: the adapters in PEFT's format under the released checkpoint's module names,
+- `PeftAdapterExport`: the adapters in PEFT's format under the released checkpoint's module names,
   one pair per expert (`...mlp.experts.<e>.gate_proj.lora_A.weight`), the layout PEFT converts onto
   transformers 5.22's fused experts when it loads an adapter.
 """
@@ -24,15 +24,13 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_file
 from veomni.lora import VeOmniLoraModel, is_lora_linear
 from veomni.lora.moe_layers import is_lora_moe_experts
 from veomni.lora.weight_loading import build_lora_key_overrides
 
-from .layout import CARRIED_COMPONENTS, model_layout
+from .layout import CARRIED_COMPONENTS
 from .publish import publish, staging_dir
-from .safetensors_io import read_checkpoint
 from .sharding import ShardedParam, distinct_boxes, gather_to, sharded_params
 
 WRAPPER_PREFIX = "base_model.model."
@@ -165,26 +163,25 @@ def peft_config(model: torch.nn.Module, base_model_name_or_path: Optional[str]) 
     return d
 
 
-def save_peft_adapter(model: torch.nn.Module, path, *, source=None, base_model_name_or_path: Optional[str] = None) -> Optional[Path]:
-    """Write the adapters of `model` at `path` in PEFT's format (`adapter_config.json` +
-    `adapter_model.safetensors`), keyed by the module names of the released checkpoint `source` (a
-    directory; without one, those `save_pretrained` writes). Every rank calls it; rank 0 writes,
-    atomically, in the adapters' own dtype."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    layout = model_layout(base_model(model), base_params(model), read_checkpoint(source) if source is not None else None)
-    gather = AdapterGather(model)
-    tensors: dict[str, torch.Tensor] = {}
-    for adapter in adapters(model):
-        a, b = gather.pair(adapter, {0})
-        if rank == 0:
-            tensors.update(_peft_tensors(adapter, released_module(layout, adapter), a, b))
-    if rank != 0:
-        return None
-    path = Path(path)
-    staged = staging_dir(path)
-    shutil.rmtree(staged, ignore_errors=True)  # left by a save that died
-    staged.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(staged / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (staged / ADAPTER_CONFIG).write_text(json.dumps(peft_config(model, base_model_name_or_path), indent=2, sort_keys=True) + "\n")
-    publish(staged, path)
-    return path
+class PeftAdapterExport:
+    """The adapters of `model` in PEFT's format (`adapter_config.json` + `adapter_model.safetensors`, in
+    the adapters' own dtype) at `path`, keyed by the released module names: `hf.save_hf_checkpoint`
+    hands each pair over as it gathers it for the merge (`add`, on rank 0), then rank 0 writes them,
+    atomically (`write`)."""
+
+    def __init__(self, model: torch.nn.Module, path, base_model_name_or_path: Optional[str] = None):
+        self.model, self.path, self.base_model_name_or_path = model, Path(path), base_model_name_or_path
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def add(self, adapter: Adapter, layout, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.tensors.update(_peft_tensors(adapter, released_module(layout, adapter), a, b))
+
+    def write(self) -> Path:
+        staged = staging_dir(self.path)
+        shutil.rmtree(staged, ignore_errors=True)  # left by a save that died
+        staged.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(staged / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        config = peft_config(self.model, self.base_model_name_or_path)
+        (staged / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        publish(staged, self.path)
+        return self.path

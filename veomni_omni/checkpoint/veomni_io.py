@@ -52,7 +52,7 @@ from veomni.trainer.callbacks.checkpoint_callback import CheckpointerCallback, H
 from .hf import save_hf_checkpoint
 from .layout import CARRIED_COMPONENTS, PREFIXES, _listing, model_layout
 from .safetensors_io import CheckpointError
-from .lora import base_model, base_params, is_lora_model, save_peft_adapter
+from .lora import PeftAdapterExport, base_model, base_params, is_lora_model
 
 logger = logging.getLogger(__name__)
 
@@ -207,12 +207,12 @@ def export_hf_checkpoint(trainer, global_step: int) -> Path:
     path = Path(args.train.checkpoint.save_path) / f"global_step_{global_step}" / "hf_ckpt"
     source = released_source(args.model.model_path)
     assets = _ModelAssets(getattr(trainer, "model_assets", None) or [])
-    save_hf_checkpoint(trainer.model, path, source=source, processor=assets)
-    logger.info("HF checkpoint (released layout%s) saved at %s", ", adapters merged" if is_lora_model(trainer.model) else "", path)
-    if is_lora_model(trainer.model):
-        adapter_path = path.parent / LORA_ADAPTER_DIR
-        save_peft_adapter(trainer.model, adapter_path, source=source, base_model_name_or_path=str(args.model.model_path))
-        logger.info("LoRA adapters (PEFT format, released module names) saved at %s", adapter_path)
+    lora = is_lora_model(trainer.model)
+    peft = PeftAdapterExport(trainer.model, path.parent / LORA_ADAPTER_DIR, str(args.model.model_path)) if lora else None
+    save_hf_checkpoint(trainer.model, path, source=source, processor=assets, peft=peft)
+    logger.info("HF checkpoint (released layout%s) saved at %s", ", adapters merged" if lora else "", path)
+    if lora:
+        logger.info("LoRA adapters (PEFT format, released module names) saved at %s", peft.path)
     return path
 
 
