@@ -208,6 +208,15 @@ PATCHES = (
         test="tests/test_checkpoint_veomni.py",
     ),
     Patch(
+        name="thinker_checkpoint_converter",
+        owner=hf.Qwen3OmniMoeThinkerForConditionalGeneration,
+        attr="_create_checkpoint_tensor_converter",
+        replacement=staticmethod(veomni_io.create_checkpoint_converter),
+        fingerprint=None,
+        why="the same for a thinker trained alone (reads the `thinker.` keys, drops talker/code2wav)",
+        test="tests/test_checkpoint_veomni.py",
+    ),
+    Patch(
         name="omni_lora_targets",
         owner=hf.Qwen3OmniMoeForConditionalGeneration,
         attr="_convert_lora_targets_to_parameters",
@@ -237,25 +246,6 @@ PATCHES = (
         test="tests/test_checkpoint_veomni.py",
     ),
     Patch(
-        name=veomni_io.LORA_EXPORT_PATCH,
-        owner=veomni_io.HFLoraCkptCallback,
-        attr="_save_checkpoint",
-        replacement=veomni_io.hf_ckpt_callback_save,
-        fingerprint="fbc2159165ca0e90",
-        why="VeOmni's LoRA export writes fused expert adapters in bf16 under 5.22's names; ours writes the merged model in the released layout "
-        "(hf_ckpt) and fp32 PEFT adapters under the released per-expert names (lora_adapter) beside it (other models: VeOmni's)",
-        test="tests/test_lora.py",
-    ),
-    Patch(
-        name="thinker_checkpoint_converter",
-        owner=hf.Qwen3OmniMoeThinkerForConditionalGeneration,
-        attr="_create_checkpoint_tensor_converter",
-        replacement=staticmethod(veomni_io.create_checkpoint_converter),
-        fingerprint=None,
-        why="the same for a thinker trained alone (reads the `thinker.` keys, drops talker/code2wav)",
-        test="tests/test_checkpoint_veomni.py",
-    ),
-    Patch(
         name=veomni_io.HF_EXPORT_PATCH,
         owner=veomni_io.HuggingfaceCkptCallback,
         attr="_save_checkpoint",
@@ -263,6 +253,16 @@ PATCHES = (
         fingerprint="c821088c5933931a",
         why="VeOmni's HF export consolidates DCP on torch 2.9-2.11 only and writes 5.22's fused names; ours keeps its DCP save of the step and writes the released layout from the live model (other models: VeOmni's)",
         test="tests/test_checkpoint_veomni.py",
+    ),
+    Patch(
+        name=veomni_io.LORA_EXPORT_PATCH,
+        owner=veomni_io.HFLoraCkptCallback,
+        attr="_save_checkpoint",
+        replacement=veomni_io.hf_ckpt_callback_save,
+        fingerprint="fbc2159165ca0e90",
+        why="VeOmni's LoRA export writes fused expert adapters in bf16 under 5.22's names; ours writes the merged model in the released layout "
+        "(hf_ckpt) and fp32 PEFT adapters under the released per-expert names (lora_adapter) beside it (other models: VeOmni's)",
+        test="tests/test_veomni_trainer_parity.py",
     ),
     Patch(
         name="packed_attention",
@@ -400,23 +400,23 @@ PATCHES = (
         test="tests/test_compile.py",
     ),
     Patch(
-        name=moe.LORA_FORWARD_PATCHES[veomni_moe_lora.LoraIndependentExperts],
+        name=moe.LORA_INDEPENDENT_FORWARD_PATCH,
         owner=veomni_moe_lora.LoraIndependentExperts,
         attr="forward",
         replacement=moe.lora_experts_forward,
         fingerprint="638558e649104433",
         why="expert LoRA under EP on the torch path (VeOmni's eager forward raises under EP): our token dispatch, "
         "the wrapper's base + adapter computation on the local experts; expert-load counts",
-        test="tests/test_lora.py",
+        test="tests/test_veomni_trainer_parity.py",
     ),
     Patch(
-        name=moe.LORA_FORWARD_PATCHES[veomni_moe_lora.LoraSharedExperts],
+        name=moe.LORA_SHARED_FORWARD_PATCH,
         owner=veomni_moe_lora.LoraSharedExperts,
         attr="forward",
         replacement=moe.lora_experts_forward,
         fingerprint="53b2da88127e2f2f",
         why="the same for VeOmni's shared (one adapter per layer) expert LoRA",
-        test="tests/test_lora.py",
+        test="tests/test_veomni_trainer_parity.py",
     ),
 )
 

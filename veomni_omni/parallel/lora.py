@@ -25,16 +25,13 @@ from ..checkpoint.lora import is_lora_model
 PARAM_DTYPE_PATCH = "lora_frozen_in_param_dtype"
 
 
-def hold_frozen_in(model: nn.Module, dtype: torch.dtype) -> int:
-    """Cast `model`'s frozen floating-point parameters to `dtype` (meta or materialised); returns how many."""
+def hold_frozen_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast `model`'s frozen floating-point parameters to `dtype` (meta or materialised)."""
     ignored = tuple(model.get_ignore_modules_in_mixed_precision() or ()) if hasattr(model, "get_ignore_modules_in_mixed_precision") else ()
     kept = {id(p) for m in model.modules() if ignored and isinstance(m, ignored) for p in m.parameters()}
-    cast = 0
     for param in model.parameters():
         if not param.requires_grad and param.is_floating_point() and param.dtype != dtype and id(param) not in kept:
             param.data = param.data.to(dtype)
-            cast += 1
-    return cast
 
 
 def parallelize_model_fsdp2(
