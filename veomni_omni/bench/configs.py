@@ -3,8 +3,8 @@
 - `cpu_thinker_config`: a "small but not tiny" thinker: every component of the real one (MoE with
   real routing, deepstack, audio chunking), widths chosen so a forward+backward on a mixed batch
   takes a few hundred ms on 2 CPU cores.
-- `real_thinker_config`: the Qwen3-Omni-30B-A3B thinker's dimensions (docs/design.md §3), for
-  `plan` (built on the meta device) and, with fewer layers, for `gpu`.
+- `real_thinker_config`: the released Qwen3-Omni-30B-A3B thinker (`qwen3_omni_30b_a3b.json`,
+  docs/design.md §3), for `plan` (built on the meta device) and, with fewer layers, for `gpu`.
 
 Token ids are the tiny vocabulary's (`veomni_omni.testing.TOKENS`), so `build_batch` makes inputs
 for every config here; only the ids differ from the released checkpoint, not the shapes.
@@ -12,7 +12,11 @@ for every config here; only the ids differ from the released checkpoint, not the
 
 from __future__ import annotations
 
-from transformers import Qwen3OmniMoeThinkerConfig
+import json
+from pathlib import Path
+from typing import Optional
+
+from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeThinkerConfig
 
 from veomni_omni.testing import MEL_BINS, TOKENS, build_batch
 
@@ -86,71 +90,44 @@ def cpu_mixed_batch(config: Qwen3OmniMoeThinkerConfig, quick: bool = False, with
     return build_batch(rows, config, seed=0, with_position_ids=with_position_ids)
 
 
+RELEASED_CONFIG = Path(__file__).with_name("qwen3_omni_30b_a3b.json")
+
+
+def released_config() -> Qwen3OmniMoeConfig:
+    """Qwen3-Omni-30B-A3B's released config (`qwen3_omni_30b_a3b.json`, written from the published
+    config.json): thinker, talker and code2wav at their released sizes and token ids."""
+    fields = json.loads(RELEASED_CONFIG.read_text())
+    fields.pop("_comment")
+    return Qwen3OmniMoeConfig(**fields)
+
+
 def real_thinker_config(
-    text_layers: int = 48,
-    vision_depth: int = 27,
-    deepstack_visual_indexes=(8, 16, 24),
-    audio_layers: int = 32,
+    text_layers: Optional[int] = None,
+    vision_depth: Optional[int] = None,
+    deepstack_visual_indexes=None,
+    audio_layers: Optional[int] = None,
     output_router_logits: bool = True,
 ) -> Qwen3OmniMoeThinkerConfig:
-    """Qwen3-Omni-30B-A3B thinker dimensions (the released config.json's thinker fields that set
-    parameter shapes). Defaults give the full model; fewer layers give the `gpu` benchmark's
-    reduced-depth model at real widths."""
-    hidden = 2048
-    return Qwen3OmniMoeThinkerConfig(
-        text_config=dict(
-            vocab_size=152064,
-            hidden_size=hidden,
-            intermediate_size=768,  # dense-MLP width; unused (every layer is MoE: decoder_sparse_step 1)
-            num_hidden_layers=text_layers,
-            num_attention_heads=32,
-            num_key_value_heads=4,
-            head_dim=128,
-            moe_intermediate_size=768,
-            num_experts=128,
-            num_experts_per_tok=8,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
-            norm_topk_prob=True,
-            hidden_act="silu",
-            rms_norm_eps=1e-6,
-            max_position_embeddings=65536,
-            router_aux_loss_coef=0.001,
-            output_router_logits=output_router_logits,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [24, 20, 20], "interleaved": True},
-            pad_token_id=TOKENS["pad"],
-        ),
-        vision_config=dict(
-            depth=vision_depth,
-            hidden_size=1152,
-            intermediate_size=4304,
-            num_heads=16,
-            in_channels=3,
-            patch_size=16,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            out_hidden_size=hidden,
-            num_position_embeddings=2304,
-            deepstack_visual_indexes=list(deepstack_visual_indexes),
-            hidden_act="gelu_pytorch_tanh",
-        ),
-        audio_config=dict(
-            encoder_layers=audio_layers,
-            encoder_attention_heads=20,
-            encoder_ffn_dim=5120,
-            d_model=1280,
-            output_dim=hidden,
-            num_mel_bins=MEL_BINS,
-            downsample_hidden_size=480,
-            n_window=50,
-            n_window_infer=800,
-            conv_chunksize=500,
-            max_source_positions=1500,
-        ),
-        position_id_per_seconds=25,
-        architectures=["Qwen3OmniMoeThinkerForConditionalGeneration"],
-        **_SPECIAL_IDS,
-    )
+    """The released thinker (`released_config`), every width, head count, expert count, top-k,
+    vocabulary and rope setting as published; None keeps a depth as released, a number gives the
+    reduced-depth model (`deepstack_visual_indexes` must then lie inside `vision_depth`). The special
+    token ids are the tiny vocabulary's (`veomni_omni.testing.TOKENS`), so `build_batch` makes its
+    inputs; they set no shape."""
+    thinker = released_config().thinker_config.to_dict()
+    text, vision, audio = thinker["text_config"], thinker["vision_config"], thinker["audio_config"]
+    for fields, key, value in (
+        (text, "num_hidden_layers", text_layers),
+        (vision, "depth", vision_depth),
+        (vision, "deepstack_visual_indexes", None if deepstack_visual_indexes is None else list(deepstack_visual_indexes)),
+        (audio, "encoder_layers", audio_layers),
+    ):
+        if value is not None:
+            fields[key] = value
+    if not all(0 <= i < vision["depth"] for i in vision["deepstack_visual_indexes"]):
+        raise ValueError(f"deepstack_visual_indexes {vision['deepstack_visual_indexes']} outside a ViT of depth {vision['depth']}")
+    text.update(output_router_logits=output_router_logits, pad_token_id=TOKENS["pad"])
+    thinker.update(_SPECIAL_IDS, architectures=["Qwen3OmniMoeThinkerForConditionalGeneration"])
+    return Qwen3OmniMoeThinkerConfig(**thinker)
 
 
 def cpu_workload(args):
@@ -167,3 +144,4 @@ def cpu_workload(args):
     model = Qwen3OmniMoeThinkerForConditionalGeneration(config).train()
     reps, warmup = (2, 0) if args.quick else (args.reps, args.warmup)
     return config, model, cpu_mixed_batch(config, quick=args.quick), reps, warmup
+
