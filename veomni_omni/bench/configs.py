@@ -144,4 +144,3 @@ def cpu_workload(args):
     model = Qwen3OmniMoeThinkerForConditionalGeneration(config).train()
     reps, warmup = (2, 0) if args.quick else (args.reps, args.warmup)
     return config, model, cpu_mixed_batch(config, quick=args.quick), reps, warmup
-
