@@ -209,3 +209,43 @@ def test_sp_contract(capsys):
     assert set(memory) == set(audio) == {"2", "4"}
     assert 0 < memory["4"] < memory["2"] < 1 and 0 < audio["4"] < audio["2"] < 1
     assert payload["host_syncs"] == 0, payload["host_syncs_by_site"]
+
+
+def test_plan_real_width_cpu_layout_matches_closed_form():
+    """`plan` for the real-width thinker as `realwidth` trains it on 2 CPU ranks (FSDP2 × EP 2, fp32
+    shards, bf16 compute, full logits, stateless SGD): the peak is the end of the backward, when the
+    root's unsharded bf16 gradients (embeddings, lm_head, the encoders' unwrapped parts) and their fp32
+    copy for the reduce-scatter meet every parameter's and gradient's shard; counted from the model's names."""
+    from veomni_omni.bench.configs import realwidth_thinker_config
+    from veomni_omni.bench.plan import GIB, build_meta_thinker, build_parser, plan
+
+    model = build_meta_thinker(realwidth_thinker_config())
+    text = model.config.text_config
+    total = sum(p.numel() for p in model.parameters())
+    wrapped = (".layers.", ".blocks.")  # text layers, ViT blocks, audio layers: FSDP units; the rest is the root
+    root = sum(p.numel() for name, p in model.named_parameters() if not any(w in name for w in wrapped))
+    assert root >= 2 * text.vocab_size * text.hidden_size  # embed_tokens and lm_head are root parameters
+    args = build_parser().parse_args([
+        "--gpus", "2", "--ep", "2", "--seq-len", "1388", "--visual-frac", "0.18", "--audio-frac", "0", "--no-grad-ckpt",
+        "--ce", "full", "--compute-dtype", "bf16", "--optim-dtype", "none", "--overhead-gib", "0",
+    ])
+    result = plan(args, model)
+    assert result["peak_phase"] == "end", result["phases_gib"]
+    shards = total / 2 * 4  # fp32 parameter shards; at the end, as many gradient bytes
+    assert result["per_rank_gib"] * GIB == pytest.approx(2 * shards + root * (2 + 4))
+    assert result["static_gib"] * GIB == pytest.approx(2 * shards)
+
+
+def test_realwidth_memory_wiring_on_the_small_thinker(capsys):
+    """`realwidth --config cpu --sections memory`: the plan against a measured fp32 training step on 2
+    gloo ranks, FSDP2 × EP 2 and SP 2 × EP 2, with the real-width sample mix: the sharded state
+    exactly, the peak within 15 %."""
+    code, payload, out = run_bench(capsys, "realwidth", "--config", "cpu", "--sections", "memory", "--json")
+    assert code == 0
+    assert set(payload["memory"]) == {"fsdp2_ep2", "sp2_ep2"}
+    for name, result in payload["memory"].items():
+        assert result["spec"]["mixed_precision"] is False and result["spec"]["sp"] == (2 if name == "sp2_ep2" else 1)
+        assert result["ratios"]["static"] == pytest.approx(1, rel=1e-3), (name, result["ratios"])
+        assert 0.85 <= result["ratios"]["peak"] <= 1.15, (name, result["ratios"], result["planned"])
+    assert_machine(payload)
+    assert "planned / measured" in out

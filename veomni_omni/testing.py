@@ -251,7 +251,22 @@ def loss_and_grads(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, d
     return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
 
 
-def _tensor_differences(got: dict, ref: dict):
+def tensor_difference(got: Optional[torch.Tensor], ref: Optional[torch.Tensor]) -> Optional[tuple[float, float]]:
+    """(max|got − ref|, max|ref|) of one tensor pair; (inf, 0) when only one side exists, None when
+    neither does. A pair's entry in a `difference_table`."""
+    if got is None or ref is None:
+        return None if (got is None) == (ref is None) else (float("inf"), 0.0)
+    ref = ref.detach().float()
+    return torch.sub(got.detach().float(), ref).abs_().max().item(), ref.abs().max().item()
+
+
+def difference_table(got: dict, ref: dict) -> dict[str, Optional[tuple[float, float]]]:
+    """`tensor_difference` of every name on either side. A worker that cannot hold all tensors at
+    once builds the table one pair at a time instead."""
+    return {name: tensor_difference(got.get(name), ref.get(name)) for name in sorted(ref.keys() | got.keys())}
+
+
+def _judged(table: dict):
     """Per tensor: (name, max|got − ref|, the scale it is judged against), or a one-sided entry.
 
     The scale is max|ref|; a tensor whose reference is at fp32 round-off level (max|ref| below
@@ -259,20 +274,19 @@ def _tensor_differences(got: dict, ref: dict):
     key-bias gradients (softmax is shift invariant), and is judged against that floor instead of
     against its own noise.
     """
-    scales = {name: r.detach().float().abs().max().item() for name, r in ref.items() if r is not None}
-    floor = ROUNDOFF_FLOOR * max(scales.values(), default=0.0)
-    for name in sorted(ref.keys() | got.keys()):
-        g, r = got.get(name), ref.get(name)
-        if g is None or r is None:
-            yield name, None if (g is None) == (r is None) else float("inf"), None
+    floor = ROUNDOFF_FLOOR * max((entry[1] for entry in table.values() if entry is not None), default=0.0)
+    for name, entry in sorted(table.items()):
+        if entry is None or entry[0] == float("inf"):
+            yield name, None if entry is None else float("inf"), None
             continue
-        yield name, (g.detach().float() - r.detach().float()).abs().max().item(), max(scales[name], floor)
+        yield name, entry[0], max(entry[1], floor)
 
 
-def parity_errors(got: dict, ref: dict, rtol: float = PARITY_RTOL) -> list[str]:
-    """Tensors where max|got − ref| > rtol · scale (see `_tensor_differences`); None must match None."""
+def table_errors(table: dict, rtol: float = PARITY_RTOL) -> list[str]:
+    """Tensors of a `difference_table` where max|got − ref| > rtol · scale (see `_judged`); a tensor
+    present on one side only is an error."""
     errors = []
-    for name, diff, scale in _tensor_differences(got, ref):
+    for name, diff, scale in _judged(table):
         if diff == float("inf"):
             errors.append(f"{name}: present on one side only")
         elif diff is not None and diff > rtol * scale:
@@ -280,10 +294,20 @@ def parity_errors(got: dict, ref: dict, rtol: float = PARITY_RTOL) -> list[str]:
     return errors
 
 
+def table_max_relative_difference(table: dict) -> float:
+    """Largest max|got − ref| / scale over the tensors of a `difference_table` present on both sides."""
+    ratios = [diff / scale for _, diff, scale in _judged(table) if scale]
+    return max(ratios, default=0.0)
+
+
+def parity_errors(got: dict, ref: dict, rtol: float = PARITY_RTOL) -> list[str]:
+    """`table_errors` of two dicts of tensors; None must match None."""
+    return table_errors(difference_table(got, ref), rtol)
+
+
 def max_relative_difference(got: dict, ref: dict) -> float:
     """Largest max|got − ref| / scale over the tensors present on both sides (for reporting)."""
-    ratios = [diff / scale for _, diff, scale in _tensor_differences(got, ref) if scale]
-    return max(ratios, default=0.0)
+    return table_max_relative_difference(difference_table(got, ref))
 
 
 def run_ranks(
@@ -354,10 +378,11 @@ def concat_batches(batches: list[dict]) -> dict:
     return merged
 
 
-def gather_full_tensors(model: torch.nn.Module, grads: bool = False, owner: int = 0) -> Optional[dict]:
-    """Every parameter (or, with `grads`, every gradient) of a parallelised model as the whole tensor,
-    on rank `owner` (None elsewhere): FSDP shards and EP slices put together by the checkpoint code's
-    `gather_to`. Collective: every rank calls it; a gradient missing on some ranks only is an error."""
+def iter_full_tensors(model: torch.nn.Module, grads: bool = False, owner: int = 0):
+    """(name, whole tensor on rank `owner`, None elsewhere) for every parameter (or, with `grads`,
+    every gradient) of a parallelised model, one at a time: FSDP shards and EP slices put together by
+    the checkpoint code's `gather_to`. Collective: every rank iterates it to the end; a gradient
+    missing on some ranks only is an error."""
     from dataclasses import replace
 
     from .checkpoint.sharding import distinct_boxes, gather_to, sharded_params
@@ -366,7 +391,15 @@ def gather_full_tensors(model: torch.nn.Module, grads: bool = False, owner: int 
     if grads:
         params = {name: replace(p, param=p.param.grad) for name, p in params.items() if p.param.grad is not None}
     boxes = distinct_boxes(params)
-    full = {name: gather_to(p, boxes[name], {owner}) for name, p in params.items()}
+    mine = torch.distributed.get_rank() == owner
+    for name, p in params.items():
+        full = gather_to(p, boxes[name], {owner})
+        yield name, full if mine else None
+
+
+def gather_full_tensors(model: torch.nn.Module, grads: bool = False, owner: int = 0) -> Optional[dict]:
+    """`iter_full_tensors` as one dict on rank `owner` (None elsewhere)."""
+    full = dict(iter_full_tensors(model, grads, owner))
     return full if torch.distributed.get_rank() == owner else None
 
 

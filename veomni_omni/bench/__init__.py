@@ -13,4 +13,5 @@ BENCHMARKS = {
     "plan": ("plan", "full 30B-A3B thinker on meta: per-rank memory under an FSDP/EP/SP layout, full FT or LoRA; fewest GPUs"),
     "gpu": ("gpu", "reduced-depth thinker at real widths, bf16: tokens/s, MFU, peak memory, vs VeOmni (CUDA)"),
     "sp": ("sp", "Ulysses SP: fill-back memory and audio work vs the all-gather way, host syncs (2 and 4 gloo ranks)"),
+    "realwidth": ("realwidth", "released widths, reduced depth, fp32 CPU: memory vs plan (2 gloo ranks), speed vs HF, VeOmni, EP 1"),
 }

@@ -10,7 +10,7 @@ from . import BENCHMARKS
 
 def _usage() -> str:
     lines = ["usage: python -m veomni_omni.bench <name> [--json] [--quick] [options]", "", "benchmarks:"]
-    lines += [f"  {name:<9} {description}" for name, (_, description) in BENCHMARKS.items()]
+    lines += [f"  {name:<10} {description}" for name, (_, description) in BENCHMARKS.items()]
     return "\n".join(lines)
 
 

@@ -4,7 +4,8 @@
   real routing, deepstack, audio chunking), widths chosen so a forward+backward on a mixed batch
   takes a few hundred ms on 2 CPU cores.
 - `real_thinker_config`: the released Qwen3-Omni-30B-A3B thinker (`qwen3_omni_30b_a3b.json`,
-  docs/design.md §3), for `plan` (built on the meta device) and, with fewer layers, for `gpu`.
+  docs/design.md §3), for `plan` (built on the meta device) and, with fewer layers, for `gpu`,
+  `realwidth` and the real-width parity test.
 
 Token ids are the tiny vocabulary's (`veomni_omni.testing.TOKENS`), so `build_batch` makes inputs
 for every config here; only the ids differ from the released checkpoint, not the shapes.
@@ -144,3 +145,24 @@ def cpu_workload(args):
     model = Qwen3OmniMoeThinkerForConditionalGeneration(config).train()
     reps, warmup = (2, 0) if args.quick else (args.reps, args.warmup)
     return config, model, cpu_mixed_batch(config, quick=args.quick), reps, warmup
+
+
+def realwidth_thinker_config(output_router_logits: bool = False) -> Qwen3OmniMoeThinkerConfig:
+    """The released thinker at reduced depth for CPU (`realwidth` benchmark, real-width parity test):
+    one MoE text layer (128 experts top-8, vocabulary 152064), a 2-block ViT whose block 0 feeds the
+    one deepstack level, 2 audio layers; ~1.4B parameters, 5.6 GB in fp32."""
+    return real_thinker_config(
+        text_layers=1, vision_depth=2, deepstack_visual_indexes=[0], audio_layers=2, output_router_logits=output_router_logits
+    )
+
+
+# The real-width sample mix (`build_batch` rows): an image of 256 visual tokens, a 10 s clip (1000 mel
+# frames, 130 audio tokens), a short video (4 frames at 256×256: 128 tokens), text; 2050 tokens.
+# Packed two per data-parallel rank (`REALWIDTH_DP_PACKS`) or all four in one sequence for Ulysses SP.
+REALWIDTH_SAMPLES = {
+    "image": [("prompt", 40), ("image", 1, 32, 32), ("text", 200)],
+    "audio": [("prompt", 30), ("audio", 1000), ("text", 200)],
+    "video": [("prompt", 20), ("video", 2, 16, 16), ("text", 150)],
+    "text": [("prompt", 50), ("text", 840)],
+}
+REALWIDTH_DP_PACKS = (("image", "text"), ("audio", "video"))

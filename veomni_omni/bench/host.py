@@ -68,22 +68,32 @@ def veomni_thinker_class():
     return cls
 
 
-def build_veomni_thinker(config, ops_config, state_dict: dict, dtype=torch.float32, device="cpu"):
+def build_veomni_thinker(config, ops_config, state_dict: dict, dtype=torch.float32, device="cpu", share_from=None):
     """VeOmni's thinker with `state_dict` (ours, names mapped) loaded strictly.
 
     Built from config the way VeOmni's builder does (OpSlots bound first), then loaded: on
     transformers 5.22 its from-config init leaves every expert and router weight at exactly zero
     (docs/design.md §4 item 2), so it must not be relied on.
+    `share_from` (our thinker): built on meta and given our parameter tensors themselves (no copy: a
+    real-width model fits in memory once), and our values of the buffers outside the state dict.
     """
     from veomni.models.auto import _bind_veomni_ops
 
     cls = veomni_thinker_class()
     _bind_veomni_ops(sys.modules[cls.__module__], ops_config)
     config = copy.deepcopy(config)  # from-config construction writes attention/experts choices into it
-    with torch.device(device):
+    with torch.device("meta" if share_from is not None else device):
         model = cls._from_config(config, dtype=dtype, attn_implementation=ops_config.attn_implementation)
-    result = model.load_state_dict(to_veomni_state_dict(state_dict), strict=True)
+    result = model.load_state_dict(to_veomni_state_dict(state_dict), strict=True, assign=share_from is not None)
     assert not result.missing_keys and not result.unexpected_keys, result
+    if share_from is not None:
+        ours = {to_veomni_name(name): buffer for name, buffer in share_from.named_buffers()}
+        for name, buffer in list(model.named_buffers()):
+            if buffer.is_meta:
+                if name not in ours or ours[name].shape != buffer.shape:
+                    raise RuntimeError(f"VeOmni's buffer {name} {tuple(buffer.shape)} has no counterpart in our thinker to share")
+                owner, _, leaf = name.rpartition(".")
+                model.get_submodule(owner)._buffers[leaf] = ours[name]
     return model
 
 

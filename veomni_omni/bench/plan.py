@@ -9,12 +9,19 @@ embeddings, lm_head, ViT, audio tower) are FSDP-sharded over all `gpus` ranks (V
 num_experts/ep whole experts) and FSDP-sharded over the remaining gpus/ep ranks (`ep_fsdp`).
 So every rank stores 1/gpus of every parameter; EP changes what a rank all-gathers per layer.
 
-Per-rank bytes:
-  static      = P/gpus · (param + grad + master + 2·optimizer bytes)            [AdamW: exp_avg, exp_avg_sq]
-  fsdp        = unsharded root (embeddings, lm_head, mergers, conv front end…) in compute dtype, params
-                + grads, held for the step; + (1 + prefetch) unsharded units (text layer with its
-                num_experts/ep local experts, ViT block, audio layer) in compute dtype; + one unit's
-                unsharded gradient in the reduce dtype (fp32) before its reduce-scatter
+Per-rank bytes: the resident state plus the largest of three phases of the step (`_phases`):
+  resident    = P/gpus · (param + master + 2·optimizer bytes)                   [AdamW: exp_avg, exp_avg_sq]
+  phases      = loss:   unsharded root (embeddings, lm_head, mergers, conv front end…) in compute dtype
+                        + activations + the loss backward's full logits
+                layers: unsharded root + lm_head gradient + (1 + prefetch) unsharded units (text layer
+                        with its num_experts/ep local experts, ViT block, audio layer) in compute dtype
+                        + one unit's unsharded gradient in the reduce dtype (fp32) before its reduce-scatter
+                        + activations (+ a recomputed layer) + the units' sharded gradients
+                end:    the root's unsharded gradients + their reduce-dtype copy for the reduce-scatter
+                        + every sharded gradient (P/gpus · grad bytes); the root is resharded first
+                (gradients are freed between steps, as VeOmni's trainer does). Which one peaks depends on
+                the widths and dtypes: at real width the root (embeddings and lm_head, 2 × 311M parameters)
+                weighs most; in the small CPU thinker, the activations and logits.
   activations = see `activation_elements`, for T = seq_len·micro_batch/sp tokens per rank (Ulysses
                 shards the sequence; the encoders are assumed sharded too), of which visual_frac are
                 image/video placeholders (4 ViT patches each) and audio_frac audio placeholders
@@ -31,7 +38,7 @@ are those of VeOmni's wrappers (dense `LoraLinear`; per-expert `LoraIndependentE
 each A:[E,r,in] B:[E,out,r]). Same layout rules: FSDP2 shards frozen and trainable parameters alike
 (one parameter group per unit), the adapters of the experts are EP-sharded with them (VeOmni adds them
 to the EP plan as Shard(0)). So:
-  static      = trainable/gpus · (param + grad + master + 2·optimizer) + frozen/gpus · compute
+  resident    = trainable/gpus · (param + master + 2·optimizer) + frozen/gpus · compute
                 (VeOmni upcasts the whole model with mixed precision, `model.float()`; veomni_omni's patch
                 `lora_frozen_in_param_dtype` then holds the frozen base in param_dtype, the adapters fp32.
                 Without mixed precision VeOmni builds in bf16 and the adapters take their base's dtype)
@@ -277,6 +284,24 @@ class ActivationModel:
         }
 
 
+def _phases(root_params, root_grads, head_grads, unit_grads, all_grads, root_reduce_input, layer, acts, recompute, logits) -> dict:
+    """What a training step holds on top of the parameter shards and optimizer states, in its three
+    candidate peaks (FSDP2: the root is gathered for the whole forward and backward, resharded before
+    its gradients are reduce-scattered at the end of the backward; gradients are freed between steps):
+      loss:   the gathered root, the activations and the loss backward's logits (before any gradient)
+      layers: a layer's backward: the gathered root and the lm_head gradient, one gathered unit (+ the
+              prefetched one) with its gradient being reduced, the activations (+ a recomputed layer),
+              and, at most, every unit's sharded gradient
+      end:    the root's reduce-scatter: its unsharded gradients, their reduce-dtype copy, every sharded gradient
+    """
+    layer_acts = {**acts, **({"act_recompute": recompute} if recompute is not None else {})}
+    return {
+        "loss": {"root_unsharded": root_params, **acts, "act_logits": logits},
+        "layers": {"grads": unit_grads, "root_unsharded": root_params + head_grads, "layer_unsharded": layer, **layer_acts},
+        "end": {"grads": all_grads, "root_unsharded": root_grads + root_reduce_input},
+    }
+
+
 def build_planned_model(args, config=None):
     """The thinker on meta, LoRA-wrapped when `args.lora_rank` (returns the thinker, adapters injected)."""
     model = build_meta_thinker(config)
@@ -329,29 +354,29 @@ def plan(args, model=None) -> dict:
         unit: units[unit] * (1 + args.prefetch) * b_compute + trained_units[unit] * b_reduce
         for unit in ("text_layer", "vit_block", "audio_layer")
     }
-    fsdp = {
-        "root_unsharded": (units["root"] + trained_units["root"]) * b_compute,  # params + their grads until the final reduce-scatter
-        "layer_unsharded": max(layer_bytes.values()),
-    }
+    root_params = units["root"] * b_compute
+    root_grads = trained_units["root"] * b_compute
+    head_grads = _numel(model.lm_head, trainable_only=True) * b_compute  # the first root gradient the backward makes
+    unit_grads = (trainable - trained_units["root"]) / args.gpus * b_grad  # sharded gradients of the wrapped units
 
     tokens = args.seq_len * args.micro_batch / args.sp
     visual, audio = tokens * args.visual_frac, tokens * args.audio_frac
     acts = ActivationModel.from_model(model)
-    act_bytes = {}
+    logits = tokens * text.vocab_size * (b_compute + 12) if args.ce == "full" else 0.0
+    phase_bytes, act_bytes = {}, {}
     for mode, ckpt in (("with_ckpt", True), ("without_ckpt", False)):
-        elements = acts.elements(tokens, visual, audio, ckpt)
-        act_bytes[mode] = {k: v * b_compute for k, v in elements.items()}
-        if args.ce == "full":
-            # Peak of the loss backward: bf16 logits, fp32 log-probabilities saved by log_softmax, their incoming
-            # gradient and the one being made (measured: `--measure-cpu`). It comes before any layer's backward has
-            # gathered a unit, recomputed a layer or made a gradient: only what exceeds that phase counts.
-            layer_phase = static["grads"] + fsdp["layer_unsharded"] + elements.get("recompute", 0) * b_compute
-            act_bytes[mode]["logits"] = max(0.0, tokens * text.vocab_size * (b_compute + 12) - layer_phase)
+        elements = {f"act_{k}": v * b_compute for k, v in acts.elements(tokens, visual, audio, ckpt).items()}
+        recompute = elements.pop("act_recompute", None)
+        act_bytes[mode] = {**elements, **({"act_recompute": recompute} if recompute is not None else {}), "act_logits": logits}
+        phase_bytes[mode] = _phases(root_params, root_grads, head_grads, unit_grads, static["grads"],
+                                    trained_units["root"] * b_reduce, max(layer_bytes.values()), elements, recompute, logits)
     mode = "with_ckpt" if args.grad_ckpt else "without_ckpt"
 
-    fixed = sum(static.values()) + sum(fsdp.values()) + args.overhead_gib * GIB
-    per_rank_by_mode = {m: (fixed + sum(v.values())) / GIB for m, v in act_bytes.items()}
-    breakdown = {**static, **fsdp, **{f"act_{k}": v for k, v in act_bytes[mode].items()}, "overhead": args.overhead_gib * GIB}
+    resident = {k: v for k, v in static.items() if k != "grads"}  # held through the whole step (gradients are not: see _phases)
+    overhead = args.overhead_gib * GIB
+    peak_phase = {m: max(phases, key=lambda name: sum(phases[name].values())) for m, phases in phase_bytes.items()}
+    per_rank_by_mode = {m: (sum(resident.values()) + overhead + sum(phase_bytes[m][peak_phase[m]].values())) / GIB for m in phase_bytes}
+    breakdown = {**resident, **phase_bytes[mode][peak_phase[mode]], "overhead": overhead}
     per_rank = sum(breakdown.values())
     fits = per_rank <= args.gpu_mem_gib * GIB
 
@@ -374,6 +399,9 @@ def plan(args, model=None) -> dict:
         },
         "lora": {"rank": args.lora_rank, "targets": list(args.lora_targets)} if args.lora_rank else None,
         "breakdown_gib": {k: v / GIB for k, v in breakdown.items()},
+        "peak_phase": peak_phase[mode],
+        "phases_gib": {name: sum(items.values()) / GIB for name, items in phase_bytes[mode].items()},
+        "static_gib": sum(static.values()) / GIB,
         "activations_gib": {m: sum(v.values()) / GIB for m, v in act_bytes.items()},
         "per_rank_gib_by_mode": per_rank_by_mode,
         "activation_per_token_kib": {
@@ -428,7 +456,9 @@ def build_parser():
     parser.add_argument("--param-dtype", choices=["fp32", "bf16"], default="fp32", help="stored (sharded) parameter dtype")
     parser.add_argument("--grad-dtype", choices=["fp32", "bf16"], default="fp32", help="stored (sharded) gradient dtype")
     parser.add_argument("--master-dtype", choices=["none", "fp32"], default="none", help="separate master copy")
-    parser.add_argument("--optim-dtype", choices=["fp32", "bf16"], default="fp32", help="AdamW exp_avg / exp_avg_sq dtype")
+    parser.add_argument(
+        "--optim-dtype", choices=["fp32", "bf16", "none"], default="fp32", help="AdamW exp_avg / exp_avg_sq dtype (none: a stateless optimizer, SGD)"
+    )
     parser.add_argument("--compute-dtype", choices=["bf16", "fp32"], default="bf16", help="FSDP2 param_dtype / activations")
     parser.add_argument("--reduce-dtype", choices=["fp32", "bf16"], default="fp32", help="FSDP2 reduce_dtype")
     parser.add_argument("--prefetch", type=int, default=1, help="FSDP units all-gathered ahead of the running one")
@@ -480,6 +510,7 @@ def main(argv=None) -> int:
             ),
         )
     )
+    print("peak phase: " + result["peak_phase"] + " (" + ", ".join(f"{k} {v:.2f}" for k, v in result["phases_gib"].items()) + " GiB on top of the resident state; see `_phases`)")
     acts = result["activations_gib"]
     print(
         f"activations: {acts['with_ckpt']:.2f} GiB with gradient checkpointing, {acts['without_ckpt']:.2f} GiB without "

@@ -1,31 +1,85 @@
-"""`plan --measure-cpu`: the plan's per-rank memory against a real FSDP2 step on 2 CPU ranks.
+"""The plan's per-rank memory against a real FSDP2 training step on 2 CPU gloo ranks.
 
-The reduced thinker (`configs.cpu_thinker_config`, ~25M parameters, so parameters dominate) is built
-on meta, LoRA-wrapped when `--lora-rank` is set (`plan.apply_lora`, as VeOmni's trainer wraps it),
-and sharded by VeOmni's `build_parallelize_model` (FSDP2, mixed precision: fp32 shards, bf16 compute,
-fp32 reductions; gradient checkpointing; EP 1 or 2: `--measure-ep`) over 2 gloo ranks. Each rank trains two steps on one
-row with text, an image and an audio clip (VeOmni's fused AdamW); the second is measured.
+One worker (this file) for `plan --measure-cpu` and `realwidth`, parameterised by a spec: the
+thinker (`config`: "cpu", `configs.cpu_thinker_config`, ~25M parameters; "realwidth",
+`configs.realwidth_thinker_config`, ~1.4B), the batch, the layout (EP size `ep`, Ulysses SP size
+`sp`), mixed precision on (fp32 shards, bf16 compute, fp32 reductions) or off (fp32 throughout),
+gradient checkpointing, LoRA (`lora_rank`: `plan.apply_lora`, as VeOmni's trainer wraps it) and the
+optimizer ("adamw": VeOmni's fused AdamW; "sgd": stateless SGD, for a model whose AdamW states do not
+fit in the machine's memory; the plan then counts no optimizer state).
+
+The model is built on meta and sharded by VeOmni's `build_parallelize_model` over 2 gloo ranks. Each
+rank trains a warm-up step, then a measured step (`measure_memory`), then `timed_steps` steps timed
+without the profiler (forward + backward + optimizer step).
+
+Batches: "row" (`plan --measure-cpu`): one padded row per rank with text, an image and an audio clip.
+"realwidth_packs": the real-width sample mix (`configs.REALWIDTH_SAMPLES`), rank r packing
+`REALWIDTH_DP_PACKS[r]` into one sequence (seed r); under SP the whole global batch packed into one
+sequence, each rank holding its slice (`shard_for_sequence_parallel`), as the real-width parity test.
 
 Memory is read from the CPU allocator through the profiler (`profile_memory`: every allocation and
 free, FSDP2's storage resizes included), from before the model is built: `peak` is the largest
 total allocated during the measured step; `static` the bytes of the local parameter shards, their
-gradients and the AdamW states at the end of it. The prediction is `plan.plan` for the same model,
-tokens, modality shares and layout, with no CUDA overhead and the full-logits loss of the CPU path.
+gradients and the optimizer states at the end of it. The prediction is `plan.plan` for the same model,
+tokens, modality shares, dtypes and layout, with no CUDA overhead and the full-logits loss of the CPU path.
 
-This file is also the torchrun worker: argv out.json lora_rank lora_targets (comma-separated) ep.
+argv (as a worker): out.json spec.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 RANKS = 2
 # One row per rank: prompt, an image (16×16 patches → 64 tokens), text, an audio clip, text.
 ROW = [("prompt", 16), ("image", 1, 16, 16), ("text", 160), ("audio", 800), ("text", 96)]
+
+
+def thinker_config(name: str):
+    from veomni_omni.bench.configs import cpu_thinker_config, realwidth_thinker_config
+
+    configs = {"cpu": cpu_thinker_config, "realwidth": realwidth_thinker_config}
+    if name not in configs:
+        raise ValueError(f"unknown thinker config {name!r}; one of {sorted(configs)}")
+    return configs[name]()
+
+
+def measure_spec(config="cpu", batch="row", ep=1, sp=1, mixed_precision=True, grad_ckpt=True, optimizer="adamw",
+                 lora_rank=0, lora_targets=(), measure_memory=True, timed_steps=0) -> dict:
+    """The worker's spec (defaults: `plan --measure-cpu`'s run)."""
+    if optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"optimizer {optimizer!r}: adamw or sgd")
+    if RANKS % ep or RANKS % sp:
+        raise ValueError(f"ep ({ep}) and sp ({sp}) must divide the {RANKS} ranks")
+    return dict(config=config, batch=batch, ep=ep, sp=sp, mixed_precision=mixed_precision, grad_ckpt=grad_ckpt,
+                optimizer=optimizer, lora_rank=lora_rank, lora_targets=list(lora_targets),
+                measure_memory=measure_memory, timed_steps=timed_steps)
+
+
+def rank_batch(spec: dict, config, dp_rank: int, sp_rank: int) -> dict:
+    from veomni_omni.data.sequence_parallel import pack_rows, shard_for_sequence_parallel
+    from veomni_omni.testing import build_batch, concat_batches
+
+    from veomni_omni.bench.configs import REALWIDTH_DP_PACKS, REALWIDTH_SAMPLES
+
+    if spec["batch"] == "row":
+        rows = [[ROW]] * RANKS  # one row per data-parallel rank, or both packed into one SP sequence
+    elif spec["batch"] == "realwidth_packs":
+        rows = [[REALWIDTH_SAMPLES[name] for name in pack] for pack in REALWIDTH_DP_PACKS]
+    else:
+        raise ValueError(f"unknown batch {spec['batch']!r}")
+    batches = [build_batch(r, config, seed=seed, with_position_ids=True) for seed, r in enumerate(rows)]
+    if spec["sp"] > 1:
+        return shard_for_sequence_parallel(pack_rows(concat_batches(batches)), config, spec["sp"], sp_rank)
+    if spec["batch"] == "row":
+        return batches[dp_rank]  # padded, unpacked (as `plan --measure-cpu` has always measured it)
+    return pack_rows(batches[dp_rank])
 
 
 def _storage_bytes(tensors) -> int:
@@ -64,6 +118,15 @@ def _peak_in(prof, range_name: str) -> tuple[int, int, str]:
     return peak.extra_fields.total_allocated, before[-1] if before else 0, " < ".join(ops[:4])
 
 
+def _release_freed_memory() -> None:
+    """Hand back to the OS the heap pages glibc keeps after frees (resident memory only; what the
+    profiler counts as allocated is unchanged): building a real-width rank frees ~3 GB it would
+    otherwise keep, and two such ranks need it to fit."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def worker() -> None:
     from datetime import timedelta
 
@@ -73,43 +136,51 @@ def worker() -> None:
 
     import veomni_omni  # noqa: F401  (patches + registry, before VeOmni builds anything)
     from veomni.arguments.arguments_types import MixedPrecisionConfig
-    from veomni.distributed.parallel_state import init_parallel_state
+    from veomni.distributed.parallel_state import get_parallel_state, init_parallel_state
     from veomni.distributed.torch_parallelize import build_parallelize_model
     from veomni.optim import build_optimizer
 
-    from veomni_omni.bench.configs import cpu_thinker_config
     from veomni_omni.bench.plan import apply_lora, build_meta_thinker, lora_config
-    from veomni_omni.testing import TOKENS, build_batch
+    from veomni_omni.testing import TOKENS
 
-    out_file, lora_rank, lora_targets, ep = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","), int(sys.argv[4])
-    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
-    rank = dist.get_rank()
-    init_parallel_state(dp_size=dist.get_world_size(), dp_mode="fsdp2", device_type="cpu", extra_parallel_sizes=(ep,), extra_parallel_names=("ep",))
+    out_file, spec = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())
+    dist.init_process_group("gloo", timeout=timedelta(seconds=600))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    init_parallel_state(
+        dp_size=world // spec["sp"], ulysses_size=spec["sp"], dp_mode="fsdp2", device_type="cpu",
+        extra_parallel_sizes=(spec["ep"],), extra_parallel_names=("ep",),
+    )
+    state = get_parallel_state()
     torch.manual_seed(0)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model = build_meta_thinker(cpu_thinker_config())
-        if lora_rank:
-            model = apply_lora(model, lora_config(lora_rank, lora_targets))
+    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True) if spec["measure_memory"] else contextlib.nullcontext()
+    with profiler as prof:
+        model = build_meta_thinker(thinker_config(spec["config"]))
+        if spec["lora_rank"]:
+            model = apply_lora(model, lora_config(spec["lora_rank"], spec["lora_targets"]))
         model = build_parallelize_model(
-            model, init_device="meta", weights_path=None, enable_gradient_checkpointing=True,
-            mixed_precision=MixedPrecisionConfig(enable=True), enable_reshard_after_forward=True,
-            is_peft_model=bool(lora_rank),
+            model, init_device="meta", weights_path=None, enable_gradient_checkpointing=spec["grad_ckpt"],
+            mixed_precision=MixedPrecisionConfig(enable=spec["mixed_precision"]), enable_reshard_after_forward=True,
+            is_peft_model=bool(spec["lora_rank"]),
         )
         for module in model.modules():  # kaiming A, zero B, as VeOmni's loader initialises a fresh adapter
             if hasattr(module, "reset_lora_parameters"):
                 module.reset_lora_parameters()
-        optimizer = build_optimizer(model, lr=1e-4, fused=True)
-        batch = build_batch([ROW], model.config, seed=rank, with_position_ids=True)
+        if spec["optimizer"] == "adamw":
+            optimizer = build_optimizer(model, lr=1e-4, fused=True)
+        else:  # stateless; per-tensor loop: EP's expert DTensors live on another mesh than the rest
+            optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, foreach=False)
+        batch = rank_batch(spec, model.config, state.dp_rank, state.sp_rank)
+        _release_freed_memory()
 
-        def adamw_states():
+        def optimizer_states():
             """Tensors of the optimizer state (under EP VeOmni builds one AdamW for the experts, one for the rest)."""
             optimizers = getattr(optimizer, "optimizers_dict", {"all": optimizer}).values()
             return [t for opt in optimizers for state in opt.state.values() for t in state.values() if torch.is_tensor(t)]
 
         def live_bytes() -> int:
-            """Bytes held between steps: parameter shards, gradients, AdamW states, buffers, the batch."""
+            """Bytes held between steps: parameter shards, gradients, optimizer states, buffers, the batch."""
             params = list(model.parameters())
-            held = [*params, *(p.grad for p in params if p.grad is not None), *adamw_states(), *model.buffers()]
+            held = [*params, *(p.grad for p in params if p.grad is not None), *optimizer_states(), *model.buffers()]
             return _storage_bytes(held + [t for t in batch.values() if torch.is_tensor(t)])
 
         def step() -> tuple[float, int]:
@@ -118,26 +189,37 @@ def worker() -> None:
             optimizer.step()
             params = list(model.parameters())
             static = _storage_bytes(params) + _storage_bytes(p.grad for p in params if p.grad is not None)
-            static += _storage_bytes(adamw_states())
+            static += _storage_bytes(optimizer_states())
             optimizer.zero_grad()  # as VeOmni's trainer: gradients freed (set to None)
             return loss.item(), static
 
-        step()
+        loss, static = step()
+        _release_freed_memory()
         held = live_bytes()
-        with record_function("measured_step"):
-            loss, static = step()
-    peak, before, peak_ops = _peak_in(prof, "measured_step")
+        if spec["measure_memory"]:
+            with record_function("measured_step"):
+                loss, static = step()
+    step_seconds = []
+    for _ in range(spec["timed_steps"]):
+        dist.barrier()
+        start = time.perf_counter()
+        loss, static = step()
+        step_seconds.append(time.perf_counter() - start)
+        _release_freed_memory()
     ids = batch["input_ids"]
     result = {
-        # The profiler's running total also counts what other threads (gloo's) free: only its rise
-        # within the step is used, on top of the bytes counted tensor by tensor before it.
-        "rank": rank, "loss": loss, "peak_bytes": held + peak - before, "held_before_step_bytes": held,
-        "profiler_total_before_step_bytes": before, "static_bytes": static, "peak_ops": peak_ops,
+        "rank": rank, "loss": loss, "static_bytes": static, "step_seconds": step_seconds,
         "tokens": ids.numel(),
         "visual_tokens": int(((ids == TOKENS["image"]) | (ids == TOKENS["video"])).sum()),
         "audio_tokens": int((ids == TOKENS["audio"]).sum()),
+        "local_experts": model.config.text_config.num_experts // spec["ep"],
     }
-    gathered = [None] * dist.get_world_size()
+    if spec["measure_memory"]:
+        peak, before, peak_ops = _peak_in(prof, "measured_step")
+        # The profiler's running total also counts what other threads (gloo's) free: only its rise
+        # within the step is used, on top of the bytes counted tensor by tensor before it.
+        result.update(peak_bytes=held + peak - before, held_before_step_bytes=held, profiler_total_before_step_bytes=before, peak_ops=peak_ops)
+    gathered = [None] * world
     dist.all_gather_object(gathered, result)
     if rank == 0:
         Path(out_file).write_text(json.dumps(gathered))
@@ -145,59 +227,88 @@ def worker() -> None:
     dist.destroy_process_group()
 
 
-def predicted(args, measured: dict) -> dict:
+def run_worker(spec: dict, timeout_s: float = 1800) -> list[dict]:
+    """Every rank's result of one 2-rank run of `spec`."""
+    from veomni_omni.testing import run_ranks
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out, spec_file = Path(tmp) / "measured.json", Path(tmp) / "spec.json"
+        spec_file.write_text(json.dumps(spec))
+        run_ranks(__file__, RANKS, [str(out), str(spec_file)], timeout_s=timeout_s)
+        return json.loads(out.read_text())
+
+
+def plan_args(spec: dict, tokens: int, visual_tokens: int, audio_tokens: int) -> argparse.Namespace:
+    """`plan`'s arguments for a spec's run: its layout and dtypes, `tokens` per rank of which
+    `visual_tokens` and `audio_tokens` are placeholders, no CUDA overhead, full logits."""
+    from .plan import build_parser
+
+    compute = "bf16" if spec["mixed_precision"] else "fp32"
+    return argparse.Namespace(**{
+        **vars(build_parser().parse_args([])),
+        "gpus": RANKS, "ep": spec["ep"], "sp": spec["sp"], "seq_len": tokens * spec["sp"], "micro_batch": 1,
+        "visual_frac": visual_tokens / tokens, "audio_frac": audio_tokens / tokens,
+        "grad_ckpt": spec["grad_ckpt"], "ce": "full", "overhead_gib": 0.0,
+        "param_dtype": "fp32", "grad_dtype": "fp32", "master_dtype": "none",
+        "optim_dtype": "fp32" if spec["optimizer"] == "adamw" else "none",
+        "compute_dtype": compute, "reduce_dtype": "fp32",
+        "lora_rank": spec["lora_rank"], "lora_targets": tuple(spec["lora_targets"]),
+    })
+
+
+def predicted(spec: dict, measured: dict) -> dict:
     """`plan.plan` for the measured model, batch and layout."""
-    from .configs import cpu_thinker_config
     from .plan import GIB, build_planned_model, plan
 
-    tokens = measured["tokens"]
-    layout = argparse.Namespace(**{
-        **vars(args), "gpus": RANKS, "ep": args.measure_ep, "sp": 1, "seq_len": tokens, "micro_batch": 1,
-        "visual_frac": measured["visual_tokens"] / tokens, "audio_frac": measured["audio_tokens"] / tokens,
-        "grad_ckpt": True, "ce": "full", "overhead_gib": 0.0,
-        "param_dtype": "fp32", "grad_dtype": "fp32", "master_dtype": "none", "optim_dtype": "fp32",
-        "compute_dtype": "bf16", "reduce_dtype": "fp32",
-    })
-    result = plan(layout, build_planned_model(layout, cpu_thinker_config()))
-    static_keys = ("params", "grads", "master", "adamw_states", "frozen_params")
+    layout = plan_args(spec, measured["tokens"], measured["visual_tokens"], measured["audio_tokens"])
+    result = plan(layout, build_planned_model(layout, thinker_config(spec["config"])))
     return {
         "per_rank_bytes": result["per_rank_gib"] * GIB,
-        "static_bytes": sum(result["breakdown_gib"].get(k, 0) for k in static_keys) * GIB,
+        "static_bytes": result["static_gib"] * GIB,
+        "peak_phase": result["peak_phase"],
+        "phases_gib": result["phases_gib"],
         "breakdown_gib": result["breakdown_gib"],
     }
 
 
-def measure_cpu(args) -> dict:
-    from veomni_omni.testing import run_ranks
+def describe(spec: dict) -> str:
+    what = f"LoRA rank {spec['lora_rank']}" if spec["lora_rank"] else "full fine-tuning"
+    dtypes = "fp32 shards, bf16 compute, fp32 reductions" if spec["mixed_precision"] else "fp32 throughout"
+    ckpt = "gradient checkpointing" if spec["grad_ckpt"] else "no gradient checkpointing"
+    optim = "VeOmni's fused AdamW" if spec["optimizer"] == "adamw" else "stateless SGD"
+    return f"{spec['config']} thinker, {what}, FSDP2 over {RANKS} gloo ranks (EP {spec['ep']}, SP {spec['sp']}, {dtypes}, {ckpt}, {optim})"
 
+
+def compare(spec: dict, ranks: list[dict]) -> dict:
+    """The plan against the busiest rank of a measured run; prints the table."""
     from .common import format_table
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "measured.json"
-        run_ranks(__file__, RANKS, [str(out), str(args.lora_rank), ",".join(args.lora_targets), str(args.measure_ep)], timeout_s=600)
-        ranks = json.loads(out.read_text())
     worst = max(ranks, key=lambda r: r["peak_bytes"])
-    plan_bytes = predicted(args, worst)
+    plan_bytes = predicted(spec, worst)
     ratios = {
         "peak": plan_bytes["per_rank_bytes"] / worst["peak_bytes"],
         "static": plan_bytes["static_bytes"] / worst["static_bytes"],
     }
     mib = 2**20
-    what = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full fine-tuning"
-    print()
     print(format_table(
         ["per rank (MiB)", "planned", "measured", "planned / measured"],
         [
             ["peak of a training step", plan_bytes["per_rank_bytes"] / mib, worst["peak_bytes"] / mib, ratios["peak"]],
-            ["params + grads + AdamW states", plan_bytes["static_bytes"] / mib, worst["static_bytes"] / mib, ratios["static"]],
+            ["params + grads + optimizer states", plan_bytes["static_bytes"] / mib, worst["static_bytes"] / mib, ratios["static"]],
         ],
         title=(
-            f"measured: cpu_thinker_config, {what}, FSDP2 over {RANKS} gloo ranks (EP {args.measure_ep}, fp32 shards, bf16 compute, "
-            f"gradient checkpointing), {worst['tokens']} tokens/rank ({worst['visual_tokens']} visual, {worst['audio_tokens']} audio); "
-            f"busiest rank {worst['rank']}, loss {worst['loss']:.3f}"
+            f"measured: {describe(spec)}, {worst['tokens']} tokens/rank ({worst['visual_tokens']} visual, "
+            f"{worst['audio_tokens']} audio); busiest rank {worst['rank']}, loss {worst['loss']:.3f}, peak in {worst['peak_ops'] or '-'}"
         ),
     ))
-    return {"ranks": ranks, "planned": plan_bytes, "ratios": ratios}
+    return {"spec": spec, "ranks": ranks, "planned": plan_bytes, "ratios": ratios}
+
+
+def measure_cpu(args) -> dict:
+    """`plan --measure-cpu`: the reduced thinker, mixed precision, gradient checkpointing, AdamW."""
+    spec = measure_spec(ep=args.measure_ep, lora_rank=args.lora_rank, lora_targets=args.lora_targets)
+    print()
+    return compare(spec, run_worker(spec, timeout_s=600))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,102 @@
+"""torchrun worker: one training step of the real-width thinker (`bench.configs.realwidth_thinker_config`)
+through VeOmni's own parallelizer on 2 gloo ranks, compared tensor by tensor with the unpatched
+reference's gradients on disk (the model is ~1.4B parameters: no rank holds all gradients at once).
+
+Layout "fsdp2_ep2": data parallel over both ranks (FSDP2 over the non-expert weights, the 128 experts
+split 64 + 64 over EP 2); rank r packs the samples of `REALWIDTH_DP_PACKS[r]` into one sequence.
+Layout "sp2_ep2": Ulysses SP 2 × EP 2; the whole global batch packed into one sequence, each rank
+holding its slice. The loss is normalised as VeOmni's trainer does. Rank 0 writes the loss, the
+`difference_table` of every gradient against the reference and what each rank held.
+
+argv: checkpoint_dir reference_dir out.json layout
+"""
+
+import json
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+
+import veomni_omni  # noqa: F401  (patches + registry, before VeOmni builds anything)
+from veomni.arguments.arguments_types import MixedPrecisionConfig
+from veomni.distributed.parallel_state import get_parallel_state, init_parallel_state
+from veomni.distributed.torch_parallelize import build_parallelize_model
+from veomni.models import build_foundation_model
+from veomni.utils.loss_utils import count_loss_token, mean_global_loss, reduce_global_loss_token
+
+from veomni_omni.bench.configs import REALWIDTH_DP_PACKS, REALWIDTH_SAMPLES
+from veomni_omni.data.sequence_parallel import pack_rows, shard_for_sequence_parallel
+from veomni_omni.host import eager_ops_config
+from veomni_omni.testing import TOKENS, build_batch, concat_batches, iter_full_tensors, tensor_difference
+
+LAYOUTS = {"fsdp2_ep2": dict(sp=1, ep=2), "sp2_ep2": dict(sp=2, ep=2)}
+
+
+def data_parallel_batches(config) -> list[dict]:
+    """Each data-parallel rank's padded batch (seed = its rank); the reference concatenates them."""
+    return [
+        build_batch([REALWIDTH_SAMPLES[name] for name in pack], config, seed=rank, with_position_ids=True)
+        for rank, pack in enumerate(REALWIDTH_DP_PACKS)
+    ]
+
+
+def main():
+    checkpoint, reference, out_file, layout_name = sys.argv[1:5]
+    layout = LAYOUTS[layout_name]
+    dist.init_process_group("gloo", timeout=timedelta(seconds=600))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    init_parallel_state(
+        dp_size=world // layout["sp"], ulysses_size=layout["sp"], dp_mode="fsdp2", device_type="cpu",
+        extra_parallel_sizes=(layout["ep"],), extra_parallel_names=("ep",),
+    )
+    state = get_parallel_state()
+    model = build_foundation_model(checkpoint, init_device="meta", torch_dtype="float32", ops_implementation=eager_ops_config())
+    model = build_parallelize_model(
+        model, weights_path=checkpoint, init_device="meta", enable_gradient_checkpointing=False,
+        mixed_precision=MixedPrecisionConfig(enable=False), enable_reshard_after_forward=True,
+    )
+    print(f"rank {rank}: built", flush=True)
+    config = model.config
+    batches = data_parallel_batches(config)
+    if layout["sp"] > 1:
+        batch = shard_for_sequence_parallel(pack_rows(concat_batches(batches)), config, layout["sp"], state.sp_rank)
+    else:
+        batch = pack_rows(batches[state.dp_rank])
+
+    tokens = count_loss_token(batch)
+    global_tokens = reduce_global_loss_token(tokens)
+    loss = model(**batch, use_cache=False).loss
+    loss = torch.stack(list(mean_global_loss(loss, tokens, tokens, global_tokens).values())).sum()
+    loss.backward()
+    print(f"rank {rank}: stepped", flush=True)
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+
+    ids = batch["input_ids"]
+    held = {
+        "tokens": ids.numel(),
+        "media_tokens": {kind: int((ids == TOKENS[kind]).sum()) for kind in ("image", "video", "audio")},
+        "local_experts": model.model.language_model.layers[0].mlp.experts.gate_up_proj.shape[0],
+    }
+    everyone = [None] * world
+    dist.all_gather_object(everyone, held)
+
+    table = {}
+    with safe_open(Path(reference) / "grads.safetensors", "pt") as ref:
+        names = set(ref.keys())
+        for name, grad in iter_full_tensors(model, grads=True):
+            if rank == 0:
+                table[name] = tensor_difference(grad, ref.get_tensor(name) if name in names else None)
+        if rank == 0:
+            table.update({name: tensor_difference(None, ref.get_tensor(name)) for name in names - table.keys()})
+    if rank == 0:
+        Path(out_file).write_text(json.dumps({"loss": total.item() / world, "ranks": everyone, "table": table}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Parity at the released model's widths (`bench.configs.realwidth_thinker_config`: Qwen3-Omni-30B-A3B's
+thinker with one MoE text layer, a 2-block ViT with one deepstack level and 2 audio layers; hidden 2048,
+128 experts top-8, 32 q / 4 kv heads of 128, vocabulary 152064, M-RoPE [24, 20, 20]; ViT 1152 wide with
+16 heads; audio 1280 wide with 20 heads; ~1.4B parameters).
+
+The unpatched single-process HF thinker computes the loss and every gradient on the global batch
+(`REALWIDTH_SAMPLES`: an image of 256 visual tokens, a 10 s clip, a short video, text; 2050 tokens,
+as padded rows); then VeOmni's parallelizer runs the same step packed on 2 gloo ranks under
+FSDP 2 × EP 2 (two packs, one per data-parallel rank) and under SP 2 × EP 2 (one pack, sliced), and
+the loss and every gradient must match (docs/design.md §7: max|got − ref| ≤ 1e-5 · max|ref| per
+tensor). The router's auxiliary loss is off (per micro batch under SP, see tests/test_fsdp.py).
+
+Heavy for CI's 2 cores (~1.4B fp32 parameters, up to ~16 GB): one reference and two 2-rank runs, run
+one after another (`-m "not realwidth"` deselects them).
+"""
+
+import gc
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
+
+import veomni_omni
+from veomni_omni.bench.configs import REALWIDTH_DP_PACKS, REALWIDTH_SAMPLES, realwidth_thinker_config
+from veomni_omni.testing import TOKENS, concat_batches, run_ranks, table_errors, table_max_relative_difference
+
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
+from realwidth_parity import LAYOUTS, data_parallel_batches  # noqa: E402  (the worker's own batches)
+
+WORKER = str(Path(__file__).parent / "dist" / "realwidth_parity.py")
+pytestmark = pytest.mark.realwidth
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The seeded real-width thinker saved as a checkpoint, and the unpatched HF reference's loss and
+    gradients on the global batch, saved beside it; nothing of it stays in memory."""
+    path = tmp_path_factory.mktemp("realwidth")
+    config = realwidth_thinker_config()
+    torch.manual_seed(0)
+    with veomni_omni.unpatched():
+        model = Qwen3OmniMoeThinkerForConditionalGeneration(config)
+        config.save_pretrained(path)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
+        batch = concat_batches(data_parallel_batches(config))
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    save_file(grads, path / "grads.safetensors")
+    result = {"loss": loss.item(), "params": sum(p.numel() for p in model.parameters()), "grads": len(grads),
+              "tokens": int(batch["attention_mask"].sum()), "names": [n for n, _ in model.named_parameters()]}
+    del model, grads, loss, batch
+    gc.collect()
+    return path, result
+
+
+def test_the_model_and_batch_have_real_widths_and_a_realistic_mix():
+    config = realwidth_thinker_config()
+    text, vision, audio = config.text_config, config.vision_config, config.audio_config
+    assert (text.hidden_size, text.num_experts, text.num_experts_per_tok, text.moe_intermediate_size) == (2048, 128, 8, 768)
+    assert (text.num_attention_heads, text.num_key_value_heads, text.head_dim, text.vocab_size) == (32, 4, 128, 152064)
+    assert text.rope_parameters["mrope_section"] == [24, 20, 20]
+    assert (vision.hidden_size, vision.num_heads, vision.patch_size, audio.d_model, audio.encoder_attention_heads, audio.num_mel_bins) == (
+        1152, 16, 16, 1280, 20, 128)
+    assert vision.deepstack_visual_indexes and text.num_hidden_layers >= len(vision.deepstack_visual_indexes)
+    batch = concat_batches(data_parallel_batches(config))
+    ids = batch["input_ids"]
+    assert 2000 <= int(batch["attention_mask"].sum()) <= 4000
+    assert int((ids == TOKENS["image"]).sum()) >= 200 and int((ids == TOKENS["video"]).sum()) > 0
+    assert batch["feature_attention_mask"].sum() == 1000, "a 10 s clip: 1000 mel frames"
+    assert sorted(n for pack in REALWIDTH_DP_PACKS for n in pack) == sorted(REALWIDTH_SAMPLES)
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_real_width_matches_single_process(reference, tmp_path, layout):
+    path, ref = reference
+    out = tmp_path / "out.json"
+    run_ranks(WORKER, 2, [str(path), str(path), str(out), layout], timeout_s=1200)
+    got = json.loads(out.read_text())
+
+    ranks = got["ranks"]
+    assert [r["local_experts"] for r in ranks] == [64, 64], f"the 128 experts are not split over EP 2: {ranks}"
+    if LAYOUTS[layout]["sp"] > 1:
+        assert sum(r["tokens"] for r in ranks) >= ref["tokens"], "the SP slices do not cover the packed sequence"
+    held_media = [{kind for kind, n in r["media_tokens"].items() if n} for r in ranks]
+    assert all(held_media), f"{layout}: a rank held no media token; the mix should reach both ranks: {ranks}"
+
+    table = {name: tuple(entry) if entry is not None else None for name, entry in got["table"].items()}
+    assert set(table) == set(ref["names"]), "the compared gradients are not the model's parameters"
+    assert abs(got["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), f"loss {got['loss']} vs reference {ref['loss']}"
+    errors = table_errors(table)
+    print(f"{layout}: loss {got['loss']:.6f} (reference {ref['loss']:.6f}), {len(table)} gradients of {ref['params'] / 1e9:.2f}B "
+          f"parameters, largest relative difference {table_max_relative_difference(table):.2e}")
+    assert not errors, "\n".join(errors[:20])
