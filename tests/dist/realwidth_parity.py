@@ -12,6 +12,7 @@ argv: checkpoint_dir reference_dir out.json layout
 """
 
 import json
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -19,15 +20,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 
-import veomni_omni  # noqa: F401  (patches + registry, before VeOmni builds anything)
+import veomni_omni  # patches + registry, before VeOmni builds anything
 from veomni.arguments.arguments_types import MixedPrecisionConfig
 from veomni.distributed.parallel_state import get_parallel_state, init_parallel_state
 from veomni.distributed.torch_parallelize import build_parallelize_model
 from veomni.models import build_foundation_model
 from veomni.utils.loss_utils import count_loss_token, mean_global_loss, reduce_global_loss_token
 
-from veomni_omni.bench.configs import REALWIDTH_DP_PACKS, REALWIDTH_SAMPLES
+from veomni_omni.bench.configs import REALWIDTH_DP_PACKS, REALWIDTH_SAMPLES, realwidth_thinker_config
 from veomni_omni.data.sequence_parallel import pack_rows, shard_for_sequence_parallel
 from veomni_omni.host import eager_ops_config
 from veomni_omni.testing import TOKENS, build_batch, concat_batches, iter_full_tensors, tensor_difference
@@ -43,7 +46,28 @@ def data_parallel_batches(config) -> list[dict]:
     ]
 
 
+def write_reference(path: Path, vocab_size: int) -> None:
+    """The seeded real-width thinker saved as a checkpoint, and the unpatched HF reference's loss and
+    gradients on the global batch (the DP packs as padded rows), saved beside it."""
+    config = realwidth_thinker_config(vocab_size=vocab_size)
+    torch.manual_seed(0)
+    with veomni_omni.unpatched():
+        model = Qwen3OmniMoeThinkerForConditionalGeneration(config)
+        config.save_pretrained(path)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
+        batch = concat_batches(data_parallel_batches(config))
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+    save_file({name: p.grad for name, p in model.named_parameters() if p.grad is not None}, path / "grads.safetensors")
+    (path / "reference.json").write_text(json.dumps({
+        "loss": loss.item(), "params": sum(p.numel() for p in model.parameters()),
+        "tokens": int(batch["attention_mask"].sum()), "names": [n for n, _ in model.named_parameters()],
+    }))
+
+
 def main():
+    if sys.argv[1] == "reference":
+        return write_reference(Path(sys.argv[2]), int(sys.argv[3]))
     checkpoint, reference, out_file, layout_name = sys.argv[1:5]
     layout = LAYOUTS[layout_name]
     dist.init_process_group("gloo", timeout=timedelta(seconds=600))
@@ -59,6 +83,8 @@ def main():
         mixed_precision=MixedPrecisionConfig(enable=False), enable_reshard_after_forward=True,
     )
     print(f"rank {rank}: built", flush=True)
+    if os.environ.get("RW_TRACE"):
+        sys.path.insert(0, "/tmp"); import rwtrace; rwtrace.install(model); rwtrace.phase("built")
     config = model.config
     batches = data_parallel_batches(config)
     if layout["sp"] > 1:
@@ -72,6 +98,8 @@ def main():
     loss = torch.stack(list(mean_global_loss(loss, tokens, tokens, global_tokens).values())).sum()
     loss.backward()
     print(f"rank {rank}: stepped", flush=True)
+    if os.environ.get("RW_TRACE"):
+        rwtrace.phase("stepped")
     total = loss.detach().clone()
     dist.all_reduce(total)
 
@@ -94,6 +122,8 @@ def main():
             table.update({name: tensor_difference(None, ref.get_tensor(name)) for name in names - table.keys()})
     if rank == 0:
         Path(out_file).write_text(json.dumps({"loss": total.item() / world, "ranks": everyone, "table": table}))
+    with open("/proc/self/status") as f:
+        print(f"rank {rank}: " + " ".join(l.split()[0] + l.split()[1] for l in f if l.startswith(("VmHWM", "VmRSS"))), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

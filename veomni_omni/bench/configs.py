@@ -147,22 +147,34 @@ def cpu_workload(args):
     return config, model, cpu_mixed_batch(config, quick=args.quick), reps, warmup
 
 
-def realwidth_thinker_config(output_router_logits: bool = False) -> Qwen3OmniMoeThinkerConfig:
+def realwidth_thinker_config(output_router_logits: bool = False, vocab_size: Optional[int] = None) -> Qwen3OmniMoeThinkerConfig:
     """The released thinker at reduced depth for CPU (`realwidth` benchmark, real-width parity test):
     one MoE text layer (128 experts top-8, vocabulary 152064), a 2-block ViT whose block 0 feeds the
-    one deepstack level, 2 audio layers; ~1.4B parameters, 5.6 GB in fp32."""
-    return real_thinker_config(
+    one deepstack level, 2 audio layers; ~1.4B parameters, 5.6 GB in fp32. `vocab_size` cuts the
+    vocabulary, the one width that does not fit two fp32 ranks in 24 GiB (`REALWIDTH_2RANK_VOCAB`)."""
+    config = real_thinker_config(
         text_layers=1, vision_depth=2, deepstack_visual_indexes=[0], audio_layers=2, output_router_logits=output_router_logits
     )
+    if vocab_size is not None:
+        config.text_config.vocab_size = vocab_size
+    return config
+
+
+# The vocabulary of the 2-rank real-width runs (parity test, `realwidth` ep and memory sections). At
+# the released 152064, VeOmni's FSDP2 layout holds ~12-14 GB per fp32 rank (measured on 2 gloo ranks:
+# the root's unsharded embeddings and lm_head, their full gradients and reduce-scatter copies, the
+# EP-local experts gathered over a 1-rank mesh), so two ranks do not fit a 24 GiB machine; 65536
+# (2^16) keeps every other width real. The single-process runs keep the released vocabulary.
+REALWIDTH_2RANK_VOCAB = 65536
 
 
 # The real-width sample mix (`build_batch` rows): an image of 256 visual tokens, a 10 s clip (1000 mel
 # frames, 130 audio tokens), a short video (4 frames at 256×256: 128 tokens), text; 2050 tokens.
 # Packed two per data-parallel rank (`REALWIDTH_DP_PACKS`) or all four in one sequence for Ulysses SP.
 REALWIDTH_SAMPLES = {
-    "image": [("prompt", 40), ("image", 1, 32, 32), ("text", 200)],
+    "image": [("prompt", 40), ("image", 1, 32, 32), ("text", 330)],
     "audio": [("prompt", 30), ("audio", 1000), ("text", 200)],
-    "video": [("prompt", 20), ("video", 2, 16, 16), ("text", 150)],
-    "text": [("prompt", 50), ("text", 840)],
+    "video": [("prompt", 20), ("video", 2, 16, 16), ("text", 250)],
+    "text": [("prompt", 50), ("text", 640)],
 }
-REALWIDTH_DP_PACKS = (("image", "text"), ("audio", "video"))
+REALWIDTH_DP_PACKS = (("image", "video"), ("audio", "text"))
