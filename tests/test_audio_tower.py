@@ -138,9 +138,9 @@ def test_sequence_parallel_windows_equal_each_clip_alone(thinker):
     window and a 37-frame clip must still pad the window's chunk to 100 frames as HF does for the whole clip."""
     rows = [[("prompt", 2), ("audio", 850), ("text", 60)], [("prompt", 1), ("audio", 37), ("text", 35)]]
     packed = pack_rows(build_batch(rows, seed=3, with_position_ids=True))
-    parts = [shard_for_sequence_parallel(packed, tiny_thinker_config(), 2, rank)["sp_inputs"] for rank in range(2)]
-    tail_rank = parts[1]["audio_tower_kwargs"]
-    assert tail_rank["padded_feature"].shape[-1] < 100 and tail_rank["feature_lens"].tolist() == [50, 37], "case not exercised"
+    parts = [shard_for_sequence_parallel(packed, tiny_thinker_config(), 2, rank)["sp_inputs"].audio for rank in range(2)]
+    tail_rank = parts[1]
+    assert tail_rank.padded_feature.shape[-1] < 100 and tail_rank.feature_lens.tolist() == [50, 37], "case not exercised"
     clips = [packed["input_features"][i, :, : int(n)] for i, n in enumerate(packed["feature_attention_mask"].sum(-1))]
     tower = thinker.audio_tower
     with torch.no_grad():
@@ -149,8 +149,8 @@ def test_sequence_parallel_windows_equal_each_clip_alone(thinker):
         def encode_slices(drop_widths: bool = False) -> torch.Tensor:
             slices = []
             for part in parts:
-                kwargs = {k: v for k, v in part["audio_tower_kwargs"].items() if not (drop_widths and k == REFERENCE_WIDTHS_KWARG)}
-                slices.append(tower(None, **kwargs).last_hidden_state[part["audio_rows"]])
+                kwargs = {k: v for k, v in part.tower_kwargs().items() if not (drop_widths and k == REFERENCE_WIDTHS_KWARG)}
+                slices.append(tower(None, **kwargs).last_hidden_state[part.rows])
             return torch.cat(slices)
 
         got = encode_slices()

@@ -93,7 +93,7 @@ def test_veomni_sequence_parallel_hook_carries_the_mismatch_to_the_forward(tiny_
         **{k: packed[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")},
     }
     shard_collated_batch(batch, model.config, 2, 0)
-    assert batch["sp_inputs"]["problems"] == ["sample packed: audio: 15 placeholder tokens in input_ids, 16 encoder outputs "
+    assert batch["sp_inputs"].problems == ["sample packed: audio: 15 placeholder tokens in input_ids, 16 encoder outputs "
                                               "expected from audio_feature_lengths (mel frames per clip [120])"]
     assert not {"input_features", "pixel_values_videos", "image_grid_thw"} & batch.keys(), "media left in the shard"
     batch.pop("labels")

@@ -7,7 +7,9 @@ all chunks of a call to the longest one, and a clip convolved without that paddi
 differently (~1e-6 relative in its outputs, which the tiny conv-bias gradients amplify past the bar).
 """
 
+import dataclasses
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from safetensors.torch import save_file
 from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 
 import veomni_omni
-from veomni_omni.data.sequence_parallel import check_divisible_heads, pack_rows, shard_for_sequence_parallel
+from veomni_omni.data.sequence_parallel import SequenceParallelShard, check_divisible_heads, pack_rows, shard_for_sequence_parallel
 from veomni_omni.testing import (
     TOKENS,
     build_batch,
@@ -94,7 +96,55 @@ def test_each_rank_encodes_only_the_audio_its_slice_needs(sp_size):
     assert max(frames) < 1900, frames
     for p in parts:
         n_tokens = int((p["input_ids"] == TOKENS["audio"]).sum())
-        assert len(p["sp_inputs"].get("audio_rows", [])) == n_tokens
+        audio = p["sp_inputs"].audio
+        assert (len(audio.rows) if audio is not None else 0) == n_tokens
+
+
+def fields_of(shard) -> dict:
+    """Every field of a shard and of its nested vision/audio shards, by dotted name."""
+    out = {}
+    for f in dataclasses.fields(shard):
+        value = getattr(shard, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update({f"{f.name}.{k}": v for k, v in fields_of(value).items()})
+        else:
+            out[f.name] = value
+    return out
+
+
+def test_shard_to_moves_every_tensor_field_and_keeps_the_host_ones():
+    _, parts = shards(SAMPLES["image_video_audio"], 7, 2)
+    shard = parts[1]["sp_inputs"]
+    assert shard.vision is not None and shard.audio is not None, "case not exercised: rank 1 should hold vision and audio"
+    before = fields_of(shard)
+    moved = shard.to("meta")
+    after = fields_of(moved)
+    assert after.keys() == before.keys()
+    tensors = [name for name, value in before.items() if isinstance(value, torch.Tensor)]
+    assert len(tensors) == 16, tensors  # 7 of the vision shard, 9 of the audio shard
+    for name, value in after.items():
+        if name in tensors:
+            assert value.device.type == "meta" and value.shape == before[name].shape and value.dtype == before[name].dtype, name
+        else:
+            assert value == before[name], name
+    assert all(v.device.type == "cpu" for n, v in fields_of(shard).items() if n in tensors), "the original shard was changed"
+    # a DataLoader worker hands the shard to the main process pickled
+    unpickled = fields_of(pickle.loads(pickle.dumps(shard)))
+    assert all(torch.equal(unpickled[n], before[n]) if n in tensors else unpickled[n] == before[n] for n in before)
+
+
+def test_shard_constructor_refuses_inconsistent_fields():
+    SequenceParallelShard(2, (3, 6), 5)  # rank 1 of sp 2, a 5-token sequence padded to 6
+    SequenceParallelShard(2, (3, 6), 0, problems=["sample 0: audio: ..."])
+    for args in [(0, (0, 3), 3), (2, (4, 3), 3), (2, (3, 6), 7), (2, (3, 6), -1)]:
+        with pytest.raises(ValueError, match="inconsistent"):
+            SequenceParallelShard(*args)
+    _, parts = shards(SAMPLES["long_audio"], 7, 2)
+    audio = next(p["sp_inputs"].audio for p in parts if p["sp_inputs"].audio is not None)
+    with pytest.raises(ValueError, match="carries no media"):
+        SequenceParallelShard(2, (0, 3), 5, problems=["sample 0: audio: ..."], audio=audio)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        parts[0]["sp_inputs"].sequence_length = 0
 
 
 def test_indivisible_heads_are_refused_before_anything_runs():

@@ -222,9 +222,9 @@ class OmniTrainer(VLMTrainer):
                 problems += input_problems(batch, self.config, name=name)
                 ids.append(batch["input_ids"].reshape(-1))
             else:  # an SP shard: the collator checked the whole sequence; count this slice's tokens, not its pad
-                problems += [f"{name}: {line}" for line in sp_inputs.get("problems", [])]
-                begin, end = sp_inputs["slice"]
-                ids.append(batch["input_ids"].reshape(-1)[: max(0, min(end, sp_inputs["tokens"]) - begin)])
+                problems += [f"{name}: {line}" for line in sp_inputs.problems]
+                begin, end = sp_inputs.token_range
+                ids.append(batch["input_ids"].reshape(-1)[: max(0, min(end, sp_inputs.sequence_length) - begin)])
         raise_on_problems(problems)
         ids = torch.cat(ids) if ids else torch.zeros(0)
         self.step_tokens = {m: int((ids == getattr(self.config, f"{m}_token_id")).sum()) for m in ("image", "video", "audio")}

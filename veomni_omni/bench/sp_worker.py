@@ -88,7 +88,7 @@ def fill_back_memory(group, quick: bool) -> dict:
     generator = torch.Generator().manual_seed(0)
     positions = torch.randperm(seq_len, generator=generator)[:n_visual].sort().values
     order = torch.randperm(n_visual, generator=generator)  # joint ViT row order -> sequence order
-    sp_inputs = {"n_visual": n_visual, "visual_fill_positions": positions[torch.argsort(order)]}
+    fill_positions = positions[torch.argsort(order)]
     chunk = seq_len // sp_size
 
     def all_gather_fill_back(embeds, rows):
@@ -105,7 +105,7 @@ def fill_back_memory(group, quick: bool) -> dict:
             fill_back(embeds, rows).sum().backward()
         return tracker.peak
 
-    ours = peak(lambda e, r: fill_back_visual(e, r, sp_inputs, group))
+    ours = peak(lambda e, r: fill_back_visual(e, r, fill_positions, group))
     baseline = peak(all_gather_fill_back)
     return {"seq_len": seq_len, "hidden": hidden, "all_to_all_bytes": ours, "all_gather_bytes": baseline, "ratio": ours / baseline}
 
@@ -162,8 +162,8 @@ def audio_work(model, quick: bool) -> dict:
 
     whole = build_batch(rows, model.config, with_position_ids=True)
     everything = flops(lambda: model.model.get_audio_features(whole["input_features"], whole["feature_attention_mask"]))
-    tower_kwargs = veomni_sp_shard(model, rows)["sp_inputs"].get("audio_tower_kwargs")
-    mine = flops(lambda: model.model.audio_tower(None, **tower_kwargs)) if tower_kwargs else 0
+    audio = veomni_sp_shard(model, rows)["sp_inputs"].audio
+    mine = flops(lambda: model.model.audio_tower(None, **audio.tower_kwargs())) if audio is not None else 0
     return {"all_audio_flops": everything, "rank_flops": mine}
 
 

@@ -15,14 +15,18 @@ so the model's SP forward does no device-to-host sync and no extra communication
 - positions (index tensors) wherever the model writes rows into the sequence, so it scatters with
   index ops rather than boolean masks.
 
-Two entry points: `shard_collated_batch` finishes what VeOmni's SequenceParallelCollator started (its
-trainer's path: `get_metadata_collate_func` of the patched model); `shard_for_sequence_parallel` shards
-a packed batch in HF's layout on its own (tests, benchmarks, custom loops).
+The media side is a `SequenceParallelShard`, passed to the model as `sp_inputs`. Two entry points
+build it: `shard_collated_batch` finishes what VeOmni's SequenceParallelCollator started (its trainer's
+path: `get_metadata_collate_func` of the patched model); `shard_for_sequence_parallel` shards a packed
+batch in HF's layout on its own (tests, benchmarks, custom loops).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +44,93 @@ from transformers.vision_utils import (
 
 from ..models.audio_tower import REFERENCE_WIDTHS_KWARG, chunk_reference_widths
 from .checks import IGNORE_INDEX, BadInputError, input_problems
+
+
+class _TensorFields:
+    """`.to()` and `pin_memory()` for a frozen dataclass: every tensor field, and the tensor fields of
+    nested ones, moved; host fields (ints, lists) shared."""
+
+    def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        def moved(value):
+            if isinstance(value, torch.Tensor):
+                return fn(value)
+            return value._map_tensors(fn) if isinstance(value, _TensorFields) else value
+
+        return dataclasses.replace(self, **{f.name: moved(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    def to(self, device, non_blocking: bool = False):
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self):
+        """Called by a DataLoader with pin_memory=True (VeOmni's default), as it pins a dict's tensors."""
+        return self._map_tensors(torch.Tensor.pin_memory)
+
+
+@dataclass(frozen=True, eq=False)  # eq over tensor fields would be ambiguous
+class VisionShard(_TensorFields):
+    """This rank's part of the joint image+video patch sequence (its pixel rows are the batch's
+    `pixel_values`), padded to a multiple of sp·merge², and where the ViT outputs go."""
+
+    grid_thw: torch.Tensor  # (images + videos, 3): every grid, whole
+    cu_seqlens: torch.Tensor  # boundaries of images/frames in the gathered (padded) patch sequence; the pad is one segment
+    segments: list[int]  # the same boundaries on the host, for attention that splits segments there
+    max_seqlen: int  # longest segment of `cu_seqlens`
+    interp_indices: torch.Tensor  # position-embedding interpolation of this rank's patch rows
+    interp_weights: torch.Tensor
+    rotary_position_ids: torch.Tensor  # the ViT's rotary positions of this rank's patch rows
+    order: torch.Tensor  # (visual tokens,): each visual token's row in the joint ViT output (images first)
+    fill_positions: torch.Tensor  # (visual tokens,): where each joint ViT output row goes in the whole sequence
+    rows: tuple[int, int]  # the range of visual tokens (in sequence order) this rank's slice holds: its deepstack rows
+    local_positions: torch.Tensor  # positions of the visual tokens within this rank's slice
+
+    def encoder_kwargs(self) -> dict:
+        """Keyword arguments of the ViT's forward (HF's precomputed-positions interface)."""
+        return {"grid_thw": self.grid_thw, "cu_seqlens": self.cu_seqlens, "max_seqlen": self.max_seqlen,
+                "interp_indices": self.interp_indices, "interp_weights": self.interp_weights,
+                "position_ids": self.rotary_position_ids}
+
+
+@dataclass(frozen=True, eq=False)  # eq over tensor fields would be ambiguous
+class AudioShard(_TensorFields):
+    """The audio attention windows (n_window_infer frames) that hold this rank's audio tokens, chunked
+    for the audio tower, and which of the tower's output rows fill the slice where."""
+
+    feature_lens: torch.Tensor  # (windows,): mel frames of each window
+    padded_feature: torch.Tensor  # (chunks, mel, 2·n_window): the windows cut into padded chunks
+    chunk_lengths: torch.Tensor  # (chunks,): valid frames of each chunk
+    valid_indices: torch.Tensor  # the conv output rows of the chunks that are not padding
+    reference_widths: torch.Tensor  # (chunks,): the width HF pads each chunk to in its whole clip (models.audio_tower)
+    cu_seqlens: torch.Tensor  # the tower's attention windows
+    max_seqlen: int  # longest window of `cu_seqlens`
+    rows: torch.Tensor  # the tower's output rows that are this slice's audio tokens, in order
+    local_positions: torch.Tensor  # positions of the audio tokens within this rank's slice
+
+    def tower_kwargs(self) -> dict:
+        """Keyword arguments of the (patched) audio tower's forward, with `input_features=None`."""
+        return {"feature_lens": self.feature_lens, "padded_feature": self.padded_feature,
+                "chunk_lengths": self.chunk_lengths, "valid_indices": self.valid_indices,
+                REFERENCE_WIDTHS_KWARG: self.reference_widths, "cu_seqlens": self.cu_seqlens, "max_seqlen": self.max_seqlen}
+
+
+@dataclass(frozen=True, eq=False)  # eq over tensor fields would be ambiguous
+class SequenceParallelShard(_TensorFields):
+    """What one rank's SP forward needs beyond its text slice (`sp_inputs` of the thinker's forward).
+    Built by `_build_shard` only, for both producers. VeOmni's trainer moves a batch's tensors and dicts
+    to the device, not this: the SP forward moves it (`.to`)."""
+
+    sp_size: int
+    token_range: tuple[int, int]  # [begin, end) of this rank's slice in the sequence padded to a multiple of sp_size
+    sequence_length: int  # tokens of the packed sequence before that padding (0: a padding-only batch)
+    problems: list[str] = dataclasses.field(default_factory=list)  # bad placeholder counts the collator found; no media then
+    vision: Optional[VisionShard] = None  # None: the batch has no image or video
+    audio: Optional[AudioShard] = None  # None: this rank's slice holds no audio token
+
+    def __post_init__(self):
+        begin, end = self.token_range
+        if self.sp_size < 1 or not 0 <= begin <= end or not 0 <= self.sequence_length <= (end - begin) * self.sp_size:
+            raise ValueError(f"SP shard of slice {self.token_range} for sp {self.sp_size} and {self.sequence_length} tokens is inconsistent")
+        if self.problems and (self.vision is not None or self.audio is not None):
+            raise ValueError("an SP shard with input problems carries no media (the forward raises them)")
 
 
 def pack_rows(batch: dict) -> dict:
@@ -74,8 +165,9 @@ def check_divisible_heads(config, sp_size: int) -> None:
 
 
 def shard_for_sequence_parallel(packed: dict, config, sp_size: int, sp_rank: int) -> dict:
-    """This rank's model inputs for a packed (1, L) batch in HF's layout (`pack_rows`). See the module
-    docstring. Raises `BadInputError` on placeholder counts that do not match the media."""
+    """This rank's model inputs for a packed (1, L) batch in HF's layout (`pack_rows`), the media side in
+    `sp_inputs` (a `SequenceParallelShard`). See the module docstring. Raises `BadInputError` on
+    placeholder counts that do not match the media."""
     check_divisible_heads(config, sp_size)
     problems = input_problems(packed, config, "packed")  # the SP forward cannot check counts without host syncs
     if problems:
@@ -107,7 +199,7 @@ def shard_for_sequence_parallel(packed: dict, config, sp_size: int, sp_rank: int
     if "input_features" in packed:
         frames = packed["feature_attention_mask"].sum(-1).tolist()
         clips = [packed["input_features"][k, :, :n] for k, n in enumerate(frames)]
-    shard["sp_inputs"] = _media_shard(ids, packed, clips, config, sp_size, sp_rank, length, shard)
+    shard["sp_inputs"] = _build_shard(ids, packed, clips, config, sp_size, sp_rank, length, [], shard)
     return shard
 
 
@@ -124,7 +216,7 @@ def shard_collated_batch(batch: dict, config, sp_size: int, sp_rank: int) -> Non
     varlen boundaries (`cu_seq_lens_*`, the pad tail one segment). By our collate infos
     (`veomni_omni.models.veomni_hooks`) it left `input_ids` (padded), the pixels and the flat audio
     features whole: the masks and the media shards need the whole sequence. Placeholder counts that
-    do not match the media are not raised here, in a DataLoader: they go in `sp_inputs["problems"]`,
+    do not match the media are not raised here, in a DataLoader: they go in `sp_inputs.problems`,
     which the forward raises and veomni_omni's trainer agrees on across ranks before any forward."""
     ids = batch["input_ids"]
     padded = ids.shape[1]
@@ -137,13 +229,10 @@ def shard_collated_batch(batch: dict, config, sp_size: int, sp_rank: int) -> Non
     begin, end = sp_rank * chunk, (sp_rank + 1) * chunk
     cu = batch["cu_seq_lens_q"]
     shard = {"cu_seq_lens_host": cu.tolist()}
-    if problems:
-        sp_inputs = {"sp_size": sp_size, "slice": (begin, end), "tokens": length, "problems": problems}
-    else:
-        clips = []
-        if "input_features" in batch:
-            clips = [f.transpose(0, 1) for f in batch["input_features"].split(batch["audio_feature_lengths"].tolist())]
-        sp_inputs = _media_shard(ids, batch, clips, config, sp_size, sp_rank, length, shard)
+    clips = []
+    if "input_features" in batch and not problems:
+        clips = [f.transpose(0, 1) for f in batch["input_features"].split(batch["audio_feature_lengths"].tolist())]
+    sp_inputs = _build_shard(ids, batch, clips, config, sp_size, sp_rank, length, problems, shard)
     for key in _COLLATED_MEDIA_KEYS + ("pixel_values",):
         batch.pop(key, None)
     batch.update(shard)
@@ -151,22 +240,26 @@ def shard_collated_batch(batch: dict, config, sp_size: int, sp_rank: int) -> Non
     batch["sp_inputs"] = sp_inputs
 
 
-def _media_shard(ids, packed, clips, config, sp_size, sp_rank, length, shard) -> dict:
-    """`sp_inputs` for this rank's slice of the padded sequence `ids` (1, chunk·sp); puts the rank's
-    pixel rows into `shard`. `clips`: each audio clip's (mel, frames) features, in placeholder order."""
+def _build_shard(ids, packed, clips, config, sp_size, sp_rank, length, problems, shard) -> SequenceParallelShard:
+    """The `SequenceParallelShard` of this rank's slice of the padded sequence `ids` (1, chunk·sp) of
+    `length` tokens; puts the rank's pixel rows into `shard`. `clips`: each audio clip's (mel, frames)
+    features, in placeholder order. With `problems` the media are not cut (their counts do not match)."""
     chunk = ids.shape[1] // sp_size
     begin, end = sp_rank * chunk, (sp_rank + 1) * chunk
+    if problems:
+        return SequenceParallelShard(sp_size, (begin, end), length, problems=problems)
     masks = {m: ids == getattr(config, f"{m}_token_id") for m in ("image", "video", "audio")}
-    sp_inputs = {"sp_size": sp_size, "slice": (begin, end), "tokens": length}
-    sp_inputs.update(_vision_shard(packed, config, masks, sp_size, sp_rank, begin, end, shard))
-    sp_inputs.update(_audio_shard(clips, config, masks["audio"], begin, end))
-    return sp_inputs
+    return SequenceParallelShard(
+        sp_size, (begin, end), length,
+        vision=_vision_shard(packed, config, masks, sp_size, sp_rank, begin, end, shard),
+        audio=_audio_shard(clips, config, masks["audio"], begin, end),
+    )
 
 
-def _vision_shard(packed, config, masks, sp_size, sp_rank, begin, end, shard) -> dict:
+def _vision_shard(packed, config, masks, sp_size, sp_rank, begin, end, shard) -> Optional[VisionShard]:
     grids = [packed[k] for k in ("image_grid_thw", "video_grid_thw") if k in packed]
     if not grids:
-        return {}
+        return None
     vision = config.vision_config
     merge = vision.spatial_merge_size
     pixels = torch.cat([packed[k] for k in ("pixel_values", "pixel_values_videos") if k in packed])
@@ -191,34 +284,31 @@ def _vision_shard(packed, config, masks, sp_size, sp_rank, begin, end, shard) ->
     n_image = int(is_image.sum())
     order = torch.where(is_image, is_image.cumsum(0) - 1, (~is_image).cumsum(0) - 1 + n_image)
     positions = visual_mask[0].nonzero().squeeze(-1)
-    return {
-        "vision_segments": cu_seqlens.tolist(),
-        "vision_kwargs": {
-            "grid_thw": grid_thw,
-            "cu_seqlens": cu_seqlens,
-            "max_seqlen": int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
-            "interp_indices": F.pad(interp_indices, (0, 0, 0, pad))[rows],
-            "interp_weights": F.pad(interp_weights, (0, 0, 0, pad))[rows],
-            "position_ids": F.pad(rotary_positions, (0, 0, 0, pad))[rows],
-        },
-        "n_visual": int(visual_mask.sum()),
-        "visual_order": order,
-        "visual_fill_positions": positions[torch.argsort(order)],  # where each joint ViT row goes in the sequence
-        "visual_rows": (int(visual_mask[:, :begin].sum()), int(visual_mask[:, :end].sum())),
-        "visual_local_positions": positions[(positions >= begin) & (positions < end)] - begin,
-    }
+    return VisionShard(
+        grid_thw=grid_thw,
+        cu_seqlens=cu_seqlens,
+        segments=cu_seqlens.tolist(),
+        max_seqlen=int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
+        interp_indices=F.pad(interp_indices, (0, 0, 0, pad))[rows],
+        interp_weights=F.pad(interp_weights, (0, 0, 0, pad))[rows],
+        rotary_position_ids=F.pad(rotary_positions, (0, 0, 0, pad))[rows],
+        order=order,
+        fill_positions=positions[torch.argsort(order)],
+        rows=(int(visual_mask[:, :begin].sum()), int(visual_mask[:, :end].sum())),
+        local_positions=positions[(positions >= begin) & (positions < end)] - begin,
+    )
 
 
-def _audio_shard(clips, config, audio_mask, begin, end) -> dict:
+def _audio_shard(clips, config, audio_mask, begin, end) -> Optional[AudioShard]:
     if not clips:
-        return {}
+        return None
     audio = config.audio_config
     frames_per_window = audio.n_window_infer
     if frames_per_window % (2 * audio.n_window):
         raise ValueError("audio n_window_infer must be a multiple of 2·n_window for per-window encoding")
     first, last = int(audio_mask[:, :begin].sum()), int(audio_mask[:, :end].sum())  # global audio-token range
     if first == last:
-        return {}
+        return None
 
     windows, window_clip_frames, select, token_start, out_rows = [], [], [], 0, 0
     for clip in clips:
@@ -238,17 +328,15 @@ def _audio_shard(clips, config, audio_mask, begin, end) -> dict:
     padded_feature, chunk_lengths = chunk_and_pad_features(frames, feature_lens, audio.n_window)
     cu_seqlens = get_audio_cu_seqlens(chunk_lengths, feature_lens, frames_per_window, audio.n_window)
     positions = audio_mask[0].nonzero().squeeze(-1)
-    return {
-        "audio_tower_kwargs": {
-            "feature_lens": feature_lens,
-            "padded_feature": padded_feature,
-            "chunk_lengths": chunk_lengths,
-            "valid_indices": get_valid_indices(chunk_lengths, audio.n_window),
-            # a window's chunks keep the conv padding of its whole clip (veomni_omni.models.audio_tower)
-            REFERENCE_WIDTHS_KWARG: chunk_reference_widths(feature_lens, audio.n_window, torch.tensor(window_clip_frames)),
-            "cu_seqlens": cu_seqlens,
-            "max_seqlen": int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
-        },
-        "audio_rows": torch.tensor(select),
-        "audio_local_positions": positions[(positions >= begin) & (positions < end)] - begin,
-    }
+    return AudioShard(
+        feature_lens=feature_lens,
+        padded_feature=padded_feature,
+        chunk_lengths=chunk_lengths,
+        valid_indices=get_valid_indices(chunk_lengths, audio.n_window),
+        # a window's chunks keep the conv padding of its whole clip (veomni_omni.models.audio_tower)
+        reference_widths=chunk_reference_widths(feature_lens, audio.n_window, torch.tensor(window_clip_frames)),
+        cu_seqlens=cu_seqlens,
+        max_seqlen=int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
+        rows=torch.tensor(select),
+        local_positions=positions[(positions >= begin) & (positions < end)] - begin,
+    )

@@ -101,13 +101,14 @@ def _all_to_all_hidden(x: torch.Tensor, group) -> torch.Tensor:
     return gather_seq_scatter_heads(F.pad(x, (0, pad)) if pad else x, seq_dim=0, head_dim=1, group=group)
 
 
-def fill_back_visual(inputs_embeds, visual_rows, sp_inputs, group):
+def fill_back_visual(inputs_embeds, visual_rows, fill_positions, group):
     """Scatter this rank's ViT rows (slice of the joint patch order) into the sliced embeddings
-    through the gather-seq/scatter-hidden layout; never materialises sequence × hidden."""
+    through the gather-seq/scatter-hidden layout; never materialises sequence × hidden.
+    `fill_positions`: where each joint ViT row goes in the sequence (`VisionShard.fill_positions`)."""
     hidden = inputs_embeds.shape[-1]
     embeds = _all_to_all_hidden(inputs_embeds[0], group)  # (L, H/sp)
-    rows = _all_to_all_hidden(visual_rows.to(embeds.dtype), group)[: sp_inputs["n_visual"]]  # (N, H/sp)
-    embeds = embeds.index_copy_(0, sp_inputs["visual_fill_positions"], rows)
+    rows = _all_to_all_hidden(visual_rows.to(embeds.dtype), group)[: fill_positions.shape[0]]  # (N, H/sp): the pad rows dropped
+    embeds = embeds.index_copy_(0, fill_positions, rows)
     del rows
     embeds = gather_heads_scatter_seq(embeds, head_dim=1, seq_dim=0, group=group)  # (L/sp, H padded)
     return (embeds if embeds.shape[-1] == hidden else embeds[:, :hidden]).unsqueeze(0)
@@ -139,31 +140,35 @@ class _EqualRowsAllGather(torch.autograd.Function):
         return total.chunk(world)[rank].contiguous(), None
 
 
-def deepstack_rows(levels: list[torch.Tensor], sp_inputs, group) -> list[torch.Tensor]:
-    """All-gather each deepstack level once and keep the rows of this rank's slice."""
-    first, last = sp_inputs["visual_rows"]
-    order = sp_inputs["visual_order"][first:last]
+def deepstack_rows(levels: list[torch.Tensor], vision, group) -> list[torch.Tensor]:
+    """All-gather each deepstack level once and keep the rows of this rank's slice (`vision`: its VisionShard)."""
+    first, last = vision.rows
+    order = vision.order[first:last]
     return [_EqualRowsAllGather.apply(level, group)[order] for level in levels]
 
 
 def sequence_parallel_forward(self, input_ids, position_ids, sp_inputs, pixel_values=None, output_router_logits=False, **kwargs):
-    """The thinker model's forward on this rank's slice of a packed sequence (see module docstring)."""
+    """The thinker model's forward on this rank's slice of a packed sequence (see module docstring);
+    `sp_inputs`: its `veomni_omni.data.sequence_parallel.SequenceParallelShard`."""
     from .encoders import dummy_audio_forward, dummy_vision_forward, encoders_must_run
 
-    if sp_inputs.get("problems"):  # found by the collator (shard_collated_batch), which does not raise in a DataLoader
+    if sp_inputs.problems:  # found by the collator (shard_collated_batch), which does not raise in a DataLoader
         from ..data.checks import BadInputError
 
-        raise BadInputError("; ".join(sp_inputs["problems"]))
+        raise BadInputError("; ".join(sp_inputs.problems))
     group = ulysses_group()
     if group is None:
         raise ValueError("sp_inputs given but VeOmni's parallel state has no Ulysses group")
+    # VeOmni's trainer moves only a batch's tensors and dicts to the device (`preforward`); the shard is
+    # moved here, to where its text slice is (a no-op for tensors already there).
+    sp_inputs = sp_inputs.to(input_ids.device, non_blocking=True)
     inputs_embeds = self.get_input_embeddings()(input_ids)
     distributed = encoders_must_run()
 
     # Audio: the windows this slice needs were chosen (and chunked) by the collator; fill its rows locally.
-    if "audio_tower_kwargs" in sp_inputs:
-        audio = self.audio_tower(None, **sp_inputs["audio_tower_kwargs"]).last_hidden_state[sp_inputs["audio_rows"]]
-        positions = sp_inputs["audio_local_positions"]
+    if sp_inputs.audio is not None:
+        audio = self.audio_tower(None, **sp_inputs.audio.tower_kwargs()).last_hidden_state[sp_inputs.audio.rows]
+        positions = sp_inputs.audio.local_positions
         inputs_embeds = inputs_embeds[0].index_copy(0, positions, audio.to(inputs_embeds.dtype)).unsqueeze(0)
     elif distributed:
         inputs_embeds = inputs_embeds + dummy_audio_forward(self).to(inputs_embeds.dtype)
@@ -171,13 +176,14 @@ def sequence_parallel_forward(self, input_ids, position_ids, sp_inputs, pixel_va
     # Vision: this rank's patch slice through the ViT (Ulysses attention), then fill-back by all-to-all.
     visual_pos_masks, deepstack = None, None
     if pixel_values is not None:
-        vision_kwargs = {**sp_inputs["vision_kwargs"], VISION_SEGMENTS_KWARG: sp_inputs["vision_segments"]}
+        vision = sp_inputs.vision
+        vision_kwargs = {**vision.encoder_kwargs(), VISION_SEGMENTS_KWARG: vision.segments}
         out = self.visual(pixel_values.type(self.visual.dtype), return_dict=True, **vision_kwargs)
-        inputs_embeds = fill_back_visual(inputs_embeds, out.pooler_output, sp_inputs, group)
-        visual_pos_masks = sp_inputs["visual_local_positions"]  # positions, not a mask: see deepstack_process
-        deepstack = deepstack_rows(out.deepstack_features, sp_inputs, group)
+        inputs_embeds = fill_back_visual(inputs_embeds, out.pooler_output, vision.fill_positions, group)
+        visual_pos_masks = vision.local_positions  # positions, not a mask: see deepstack_process
+        deepstack = deepstack_rows(out.deepstack_features, vision, group)
     elif distributed:
-        inputs_embeds = inputs_embeds + dummy_vision_forward(self.visual, sp_size=sp_inputs["sp_size"]).to(inputs_embeds.dtype)
+        inputs_embeds = inputs_embeds + dummy_vision_forward(self.visual, sp_size=sp_inputs.sp_size).to(inputs_embeds.dtype)
 
     lm_keys = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "cu_seq_lens_host")
     lm_kwargs = {k: kwargs[k] for k in lm_keys if k in kwargs}

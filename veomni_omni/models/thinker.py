@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling, MoeModelOutputWithPast
@@ -12,6 +12,9 @@ from transformers.utils import can_return_tuple
 from ..data.checks import IGNORE_INDEX
 from .sequence_parallel import sequence_parallel_forward
 from .encoders import dummy_audio_forward, dummy_vision_forward, encode_audio, encode_vision, encoders_must_run
+
+if TYPE_CHECKING:
+    from ..data.sequence_parallel import SequenceParallelShard
 
 
 def placeholder_mask(
@@ -199,14 +202,14 @@ def _zero_without_targets(loss: torch.Tensor, labels: torch.Tensor, shift_labels
     return torch.where((targets != IGNORE_INDEX).any(), loss, torch.zeros_like(loss))
 
 
-def _balancing_mask(attention_mask: Optional[torch.Tensor], sp_inputs: Optional[dict]):
+def _balancing_mask(attention_mask: Optional[torch.Tensor], sp_inputs: Optional[SequenceParallelShard]):
     """(mask, any_token): the mask the router balancing loss averages over, and whether the batch holds
     a token at all (see veomni_omni.data.checks.padding_batch). A padding-only batch averages over its
     padding instead of over no token (0/0, whose NaN gradient would survive the zeroing), and the caller
     zeroes that loss. Under SP the collator says so on the host; otherwise it is decided on device (no
     host sync, no graph break under torch.compile)."""
     if sp_inputs is not None:
-        any_token = sp_inputs["tokens"] > 0
+        any_token = sp_inputs.sequence_length > 0
         return (attention_mask if any_token else None), any_token
     if attention_mask is None:
         return None, True

@@ -9,7 +9,8 @@ carries these hooks; HF's classes do not. Each is added to the HF classes by the
   flat layout: `input_features` (frames, mel) of all clips + `audio_feature_lengths`), and what its SP
   collator must leave whole for our SP shard (input ids padded but not sliced, pixels and audio untouched).
 - `get_metadata_collate_func()`: under Ulysses SP, the hook VeOmni's SP collator calls last on every
-  micro batch; ours turns its output into this rank's SP shard (`SequenceParallelShard`).
+  micro batch; ours (`SequenceParallelCollateHook`) turns its output into this rank's SP shard (its media
+  side a `SequenceParallelShard`, the model's `sp_inputs`).
 - `_convert_lora_targets_to_parameters(model, lora_modules, target_parameters)`: VeOmni's LoRA set-up
   (`model.lora_config`) asks it to turn the expert projection names into the fused expert parameters
   its MoE-LoRA wraps; VeOmni's own patterns name 5.9's modules (`thinker.model.layers`), not 5.22's.
@@ -80,7 +81,7 @@ def get_extra_collate_infos(self) -> dict:
     return dict(EXTRA_COLLATE_INFOS)
 
 
-class SequenceParallelShard:
+class SequenceParallelCollateHook:
     """Picklable (DataLoader workers) hook in VeOmni's MetadataCollateFunc convention, `(batch, sp_pad)`,
     in place: VeOmni's SP collator output → this rank's SP shard (`shard_collated_batch`). The SP rank
     is fixed when the trainer builds its collator, as VeOmni's own SP collator fixes it."""
@@ -101,7 +102,7 @@ class SequenceParallelShard:
         shard_collated_batch(batch, self.config, self.sp_size, self.sp_rank)
 
 
-def get_metadata_collate_func(self) -> Optional[SequenceParallelShard]:
+def get_metadata_collate_func(self) -> Optional[SequenceParallelCollateHook]:
     """VeOmni's trainer asks once, when it builds its collator (parallel state set up): the SP shard
     hook under Ulysses SP, nothing otherwise (VeOmni then calls none)."""
     from veomni.distributed.parallel_state import get_parallel_state
@@ -111,7 +112,7 @@ def get_metadata_collate_func(self) -> Optional[SequenceParallelShard]:
         raise ValueError("context parallelism (train.accelerator.cp_size > 1) is not supported for Qwen3-Omni; use ulysses_size")
     if not state.ulysses_enabled:
         return None
-    return SequenceParallelShard(self.config, state.ulysses_size, state.ulysses_rank)
+    return SequenceParallelCollateHook(self.config, state.ulysses_size, state.ulysses_rank)
 
 
 def _thinker_visual(self):
