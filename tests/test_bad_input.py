@@ -87,7 +87,7 @@ def test_veomni_sequence_parallel_hook_carries_the_mismatch_to_the_forward(tiny_
         "input_ids": torch.nn.functional.pad(packed["input_ids"], (0, pad)),
         "labels": packed["labels"][:, : (length + pad) // 2],
         "position_ids": packed["position_ids"].transpose(0, 1)[..., : (length + pad) // 2],
-        "cu_seq_lens_q": torch.cat([packed["cu_seq_lens"], torch.tensor([length + pad])]) if pad else packed["cu_seq_lens"],
+        "cu_seq_lens_q": torch.cat([packed["cu_seq_lens_q"], torch.tensor([length + pad])]) if pad else packed["cu_seq_lens_q"],
         "input_features": torch.cat([clip[:, :n].T for clip, n in zip(packed["input_features"], frames.tolist())]),
         "audio_feature_lengths": frames,
         **{k: packed[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")},

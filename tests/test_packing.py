@@ -27,7 +27,8 @@ from veomni_omni.data import synthetic
 from veomni_omni.data.processor import build_tiny_processor
 from veomni_omni.data.veomni_transform import transform_sample
 from veomni_omni.models.packed_attention import varlen_sdpa_attention
-from veomni_omni.testing import PARITY_RTOL, max_relative_difference, parity_errors, tiny_thinker_config
+from veomni_omni.data.sequence_parallel import pack_rows
+from veomni_omni.testing import PARITY_RTOL, build_batch, max_relative_difference, parity_errors, tiny_thinker_config
 
 # (task, synthetic sample index). audio_pitch 1 is a 0.5 s tone (50 mel frames, under one 100-frame chunk)
 # packed after a 1 s one: HF's audio tower pads every chunk of a call to the longest and its stride-2
@@ -231,3 +232,20 @@ def test_veomni_sequence_parallel_attention_does_ulysses_only_in_the_text_decode
     encoders_skip_ulysses(veomni_attention, hf.Qwen3OmniMoeAudioAttention(config.audio_config), None, None, None, None)
     encoders_skip_ulysses(veomni_attention, hf.Qwen3OmniMoeThinkerTextAttention(config.text_config, layer_idx=0), None, None, None, None)
     assert calls == [("Qwen3OmniMoeAudioAttention", {"skip_ulysses": True}), ("Qwen3OmniMoeThinkerTextAttention", {})]
+
+
+def test_pack_rows_is_a_model_input_whose_samples_stay_apart(model, samples):
+    """`pack_rows` (the tests' and benchmarks' packer) emits the boundaries under VeOmni's collator's keys,
+    so its row goes to the model as it stands: each sample's logits equal the sample's own padded row.
+    (Under another key the boundaries were silently ignored and the samples attended to each other.)"""
+    rows = [[("prompt", 6), ("image", 1, 4, 4), ("text", 20)], [("prompt", 4), ("text", 30)], [("prompt", 3), ("audio", 120), ("text", 9)]]
+    batch = build_batch(rows, model.config, seed=5, with_position_ids=True)
+    packed = pack_rows(batch)
+    assert {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"} <= packed.keys()
+    with torch.no_grad():
+        padded_logits = model(**batch, use_cache=False).logits
+        packed_logits = model(**packed, use_cache=False).logits
+    bounds = packed["cu_seq_lens_q"].tolist()
+    for row, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        got, ref = packed_logits[0, start:end], padded_logits[row, : end - start]
+        assert not parity_errors({"logits": got}, {"logits": ref}), f"sample {row}: packed logits differ from its own row"

@@ -1,7 +1,7 @@
 """Parity at the released model's widths (`bench.configs.realwidth_thinker_config`: Qwen3-Omni-30B-A3B's
-thinker with one MoE text layer, a 2-block ViT with one deepstack level and 2 audio layers; hidden 2048,
+thinker with two MoE text layers, a 2-block ViT with one deepstack level and 2 audio layers; hidden 2048,
 128 experts top-8, 32 q / 4 kv heads of 128, M-RoPE [24, 20, 20]; ViT 1152 wide with 16 heads; audio
-1280 wide with 20 heads). The vocabulary is cut to `REALWIDTH_2RANK_VOCAB` (65536 of 152064; ~1.0B
+1280 wide with 20 heads). The vocabulary is cut to `REALWIDTH_2RANK_VOCAB` (65536 of 152064; ~1.7B
 parameters): at the released vocabulary two fp32 ranks do not fit CI's 24 GiB (see configs.py).
 
 The unpatched single-process HF thinker computes the loss and every gradient on the global batch
@@ -78,6 +78,8 @@ def test_real_width_matches_single_process(reference, tmp_path, layout):
 
     table = {name: tuple(entry) if entry is not None else None for name, entry in got["table"].items()}
     assert set(table) == set(ref["names"]), "the compared gradients are not the model's parameters"
+    deepstack = [name for name in table if name.startswith("model.visual.merger_list.")]
+    assert deepstack and all(table[name][1] > 0 for name in deepstack), "the deepstack mergers got no gradient: deepstack not exercised"
     assert abs(got["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), f"loss {got['loss']} vs reference {ref['loss']}"
     errors = table_errors(table)
     print(f"{layout}: loss {got['loss']:.6f} (reference {ref['loss']:.6f}), {len(table)} gradients of {ref['params'] / 1e9:.2f}B "

@@ -266,37 +266,38 @@ def difference_table(got: dict, ref: dict) -> dict[str, Optional[tuple[float, fl
     return {name: tensor_difference(got.get(name), ref.get(name)) for name in sorted(ref.keys() | got.keys())}
 
 
-def _judged(table: dict):
-    """Per tensor: (name, max|got − ref|, the scale it is judged against), or a one-sided entry.
+def _judged(table: dict, rtol: float):
+    """Per tensor: (name, max|got − ref|, the largest difference allowed), or a one-sided entry.
 
-    The scale is max|ref|; a tensor whose reference is at fp32 round-off level (max|ref| below
+    The limit is rtol · max|ref|; a tensor whose reference is at fp32 round-off level (max|ref| below
     ROUNDOFF_FLOOR times the largest max|ref| of the set) has a true value of zero, e.g. attention
-    key-bias gradients (softmax is shift invariant), and is judged against that floor instead of
-    against its own noise.
+    key-bias gradients (softmax is shift invariant): both sides are round-off, and its difference
+    must stay within that floor instead of within rtol of its own noise.
     """
     floor = ROUNDOFF_FLOOR * max((entry[1] for entry in table.values() if entry is not None), default=0.0)
     for name, entry in sorted(table.items()):
         if entry is None or entry[0] == float("inf"):
             yield name, None if entry is None else float("inf"), None
             continue
-        yield name, entry[0], max(entry[1], floor)
+        yield name, entry[0], (rtol * entry[1] if entry[1] >= floor else floor)
 
 
 def table_errors(table: dict, rtol: float = PARITY_RTOL) -> list[str]:
-    """Tensors of a `difference_table` where max|got − ref| > rtol · scale (see `_judged`); a tensor
+    """Tensors of a `difference_table` whose max|got − ref| exceeds its limit (see `_judged`); a tensor
     present on one side only is an error."""
     errors = []
-    for name, diff, scale in _judged(table):
+    for name, diff, limit in _judged(table, rtol):
         if diff == float("inf"):
             errors.append(f"{name}: present on one side only")
-        elif diff is not None and diff > rtol * scale:
-            errors.append(f"{name}: max|got-ref|={diff:.3e} > {rtol * scale:.3e}")
+        elif diff is not None and diff > limit:
+            errors.append(f"{name}: max|got-ref|={diff:.3e} > {limit:.3e}")
     return errors
 
 
 def table_max_relative_difference(table: dict) -> float:
-    """Largest max|got − ref| / scale over the tensors of a `difference_table` present on both sides."""
-    ratios = [diff / scale for _, diff, scale in _judged(table) if scale]
+    """Largest max|got − ref| / max|ref| over the tensors of a `difference_table` present on both sides
+    (round-off tensors: over the floor), i.e. in units where PARITY_RTOL is the bar."""
+    ratios = [PARITY_RTOL * diff / limit for _, diff, limit in _judged(table, PARITY_RTOL) if limit]
     return max(ratios, default=0.0)
 
 

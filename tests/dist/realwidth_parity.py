@@ -12,7 +12,6 @@ argv: checkpoint_dir reference_dir out.json layout
 """
 
 import json
-import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -83,8 +82,6 @@ def main():
         mixed_precision=MixedPrecisionConfig(enable=False), enable_reshard_after_forward=True,
     )
     print(f"rank {rank}: built", flush=True)
-    if os.environ.get("RW_TRACE"):
-        sys.path.insert(0, "/tmp"); import rwtrace; rwtrace.install(model); rwtrace.phase("built")
     config = model.config
     batches = data_parallel_batches(config)
     if layout["sp"] > 1:
@@ -98,8 +95,6 @@ def main():
     loss = torch.stack(list(mean_global_loss(loss, tokens, tokens, global_tokens).values())).sum()
     loss.backward()
     print(f"rank {rank}: stepped", flush=True)
-    if os.environ.get("RW_TRACE"):
-        rwtrace.phase("stepped")
     total = loss.detach().clone()
     dist.all_reduce(total)
 
@@ -122,8 +117,6 @@ def main():
             table.update({name: tensor_difference(None, ref.get_tensor(name)) for name in names - table.keys()})
     if rank == 0:
         Path(out_file).write_text(json.dumps({"loss": total.item() / world, "ranks": everyone, "table": table}))
-    with open("/proc/self/status") as f:
-        print(f"rank {rank}: " + " ".join(l.split()[0] + l.split()[1] for l in f if l.startswith(("VmHWM", "VmRSS"))), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -149,11 +149,12 @@ def cpu_workload(args):
 
 def realwidth_thinker_config(output_router_logits: bool = False, vocab_size: Optional[int] = None) -> Qwen3OmniMoeThinkerConfig:
     """The released thinker at reduced depth for CPU (`realwidth` benchmark, real-width parity test):
-    one MoE text layer (128 experts top-8, vocabulary 152064), a 2-block ViT whose block 0 feeds the
-    one deepstack level, 2 audio layers; ~1.4B parameters, 5.6 GB in fp32. `vocab_size` cuts the
+    two MoE text layers (128 experts top-8, vocabulary 152064; the deepstack features added after
+    layer 0 reach the loss only through layer 1), a 2-block ViT whose block 0 feeds the one
+    deepstack level, 2 audio layers; ~2.0B parameters, 8.1 GB in fp32. `vocab_size` cuts the
     vocabulary, the one width that does not fit two fp32 ranks in 24 GiB (`REALWIDTH_2RANK_VOCAB`)."""
     config = real_thinker_config(
-        text_layers=1, vision_depth=2, deepstack_visual_indexes=[0], audio_layers=2, output_router_logits=output_router_logits
+        text_layers=2, vision_depth=2, deepstack_visual_indexes=[0], audio_layers=2, output_router_logits=output_router_logits
     )
     if vocab_size is not None:
         config.text_config.vocab_size = vocab_size

@@ -134,9 +134,10 @@ class SequenceParallelShard(_TensorFields):
 
 
 def pack_rows(batch: dict) -> dict:
-    """Pack a right-padded (B, S) batch into one row (1, L) of its samples, as a packing collator
-    does: padding dropped, each sample's first label ignored, `cu_seq_lens` marking the samples.
-    Requires `position_ids` (3, B, S), computed per sample."""
+    """Pack a right-padded (B, S) batch into one row (1, L) of its samples, as VeOmni's packing
+    collator does: padding dropped, each sample's first label ignored, the samples' boundaries in
+    flash-attn's varlen keys (`cu_seq_lens_q/k`, `max_length_q/k`), which the attention honours (a
+    model input as it stands). Requires `position_ids` (3, B, S), computed per sample."""
     keep = batch["attention_mask"].bool()
     lengths = keep.sum(-1)
     labels = batch["labels"].clone()
@@ -145,7 +146,9 @@ def pack_rows(batch: dict) -> dict:
     packed["input_ids"] = batch["input_ids"][keep].unsqueeze(0)
     packed["labels"] = labels[keep].unsqueeze(0)
     packed["position_ids"] = batch["position_ids"][:, keep].unsqueeze(1)
-    packed["cu_seq_lens"] = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    cu_seq_lens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    longest = int(lengths.max()) if lengths.numel() else 0
+    packed.update(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=longest, max_length_k=longest)
     return packed
 
 
@@ -181,7 +184,7 @@ def shard_for_sequence_parallel(packed: dict, config, sp_size: int, sp_rank: int
     labels = F.pad(packed["labels"][:, 1:], (0, 1 + pad), value=IGNORE_INDEX)  # pre-shifted
     ids = F.pad(input_ids, (0, pad), value=0)
     positions = F.pad(packed["position_ids"], (0, pad), value=0)
-    cu = packed["cu_seq_lens"]
+    cu = packed["cu_seq_lens_q"]
     if pad:
         cu = torch.cat([cu, cu.new_tensor([length + pad])])
     cu = cu.unique_consecutive()  # drop empty samples (a padding-only row)
