@@ -1,7 +1,7 @@
 """Parity at the released model's widths (`bench.configs.realwidth_thinker_config`: Qwen3-Omni-30B-A3B's
 thinker with two MoE text layers, a 2-block ViT with one deepstack level and 2 audio layers; hidden 2048,
 128 experts top-8, 32 q / 4 kv heads of 128, M-RoPE [24, 20, 20]; ViT 1152 wide with 16 heads; audio
-1280 wide with 20 heads). The vocabulary is cut to `REALWIDTH_2RANK_VOCAB` (65536 of 152064; ~1.7B
+1280 wide with 20 heads). The vocabulary is cut to `REALWIDTH_2RANK_VOCAB` (32768 of 152064; ~1.5B
 parameters): at the released vocabulary two fp32 ranks do not fit CI's 24 GiB (see configs.py).
 
 The unpatched single-process HF thinker computes the loss and every gradient on the global batch

@@ -162,11 +162,12 @@ def realwidth_thinker_config(output_router_logits: bool = False, vocab_size: Opt
 
 
 # The vocabulary of the 2-rank real-width runs (parity test, `realwidth` ep and memory sections). At
-# the released 152064, VeOmni's FSDP2 layout holds ~12-14 GB per fp32 rank (measured on 2 gloo ranks:
-# the root's unsharded embeddings and lm_head, their full gradients and reduce-scatter copies, the
-# EP-local experts gathered over a 1-rank mesh), so two ranks do not fit a 24 GiB machine; 65536
-# (2^16) keeps every other width real. The single-process runs keep the released vocabulary.
-REALWIDTH_2RANK_VOCAB = 65536
+# the released 152064, VeOmni's FSDP2 layout holds 12-14 GB per fp32 rank (measured on 2 gloo ranks,
+# one text layer: the root's unsharded embeddings and lm_head, their full gradients and reduce-scatter
+# copies, the EP-local experts gathered over a 1-rank mesh), so two ranks do not fit a 24 GiB machine;
+# at 65536 two ranks of the 2-layer model peaked at 22.7 GB used of 23.5 GiB. 32768 (2^15) leaves a
+# margin and keeps every other width real. The single-process runs keep the released vocabulary.
+REALWIDTH_2RANK_VOCAB = 32768
 
 
 # The real-width sample mix (`build_batch` rows): an image of 256 visual tokens, a 10 s clip (1000 mel

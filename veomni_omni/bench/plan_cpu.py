@@ -2,7 +2,8 @@
 
 One worker (this file) for `plan --measure-cpu` and `realwidth`, parameterised by a spec: the
 thinker (`config`: "cpu", `configs.cpu_thinker_config`, ~25M parameters; "realwidth",
-`configs.realwidth_thinker_config`, ~1.4B), the batch, the layout (EP size `ep`, Ulysses SP size
+`configs.realwidth_thinker_config`, ~2.0B; "realwidth_2rank", the same with the vocabulary cut to
+`configs.REALWIDTH_2RANK_VOCAB`, ~1.5B, what fits two fp32 ranks in 24 GiB), the batch, the layout (EP size `ep`, Ulysses SP size
 `sp`), mixed precision on (fp32 shards, bf16 compute, fp32 reductions) or off (fp32 throughout),
 gradient checkpointing, LoRA (`lora_rank`: `plan.apply_lora`, as VeOmni's trainer wraps it) and the
 optimizer ("adamw": VeOmni's fused AdamW; "sgd": stateless SGD, for a model whose AdamW states do not
@@ -42,9 +43,13 @@ ROW = [("prompt", 16), ("image", 1, 16, 16), ("text", 160), ("audio", 800), ("te
 
 
 def thinker_config(name: str):
-    from veomni_omni.bench.configs import cpu_thinker_config, realwidth_thinker_config
+    from veomni_omni.bench.configs import REALWIDTH_2RANK_VOCAB, cpu_thinker_config, realwidth_thinker_config
 
-    configs = {"cpu": cpu_thinker_config, "realwidth": realwidth_thinker_config}
+    configs = {
+        "cpu": cpu_thinker_config,
+        "realwidth": realwidth_thinker_config,
+        "realwidth_2rank": lambda: realwidth_thinker_config(vocab_size=REALWIDTH_2RANK_VOCAB),
+    }
     if name not in configs:
         raise ValueError(f"unknown thinker config {name!r}; one of {sorted(configs)}")
     return configs[name]()

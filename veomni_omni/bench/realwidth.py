@@ -1,10 +1,12 @@
 """realwidth: the released thinker's widths at reduced depth on CPU: memory against the planner, speed against HF and VeOmni.
 
-The model is `configs.realwidth_thinker_config` (1 MoE text layer at real width: hidden 2048, 128
-experts top-8, vocabulary 152064; a 2-block ViT; 2 audio layers; ~1.4B parameters), fp32, and the
-batch `configs.REALWIDTH_SAMPLES` (2050 tokens of image, audio, video and text), the model and batch
-of the real-width parity test. `--config cpu` runs every section with the small `cpu_thinker_config`
-instead (a smoke run of the wiring in seconds).
+The model is `configs.realwidth_thinker_config` (2 MoE text layers at real width: hidden 2048, 128
+experts top-8, vocabulary 152064; a 2-block ViT; 2 audio layers; ~2.0B parameters), fp32, and the
+batch `configs.REALWIDTH_SAMPLES` (2080 tokens of image, audio, video and text), the model and batch
+of the real-width parity test. The 2-rank sections cut the vocabulary to
+`configs.REALWIDTH_2RANK_VOCAB` (32768; ~1.5B parameters), as the parity test does: at the released
+vocabulary two fp32 ranks do not fit a 24 GiB machine. `--config cpu` runs every section with the
+small `cpu_thinker_config` instead (a smoke run of the wiring in seconds).
 
 Sections (`--sections`, default all):
 - speed: one process, one model instance, forward + backward, interleaved rounds (median of per-round
@@ -20,11 +22,11 @@ Sections (`--sections`, default all):
   checkpointing) against the peak allocated per rank, measured through the profiler (`plan_cpu`)
   during a training step, FSDP2 × EP 2 and SP 2 × EP 2; the plan for fp32 and mixed precision, SGD and
   AdamW is printed for each layout.
-2-rank runs (`--precision`): fp32 throughout, or mixed (fp32 shards, bf16 compute, fp32 reductions),
-the default at real width; `--optimizer`: VeOmni's AdamW, or a stateless SGD (the default at real
-width), whose plan counts no optimizer state. A 2-rank run whose plan, plus each rank's process
-overhead, exceeds the available memory is skipped with the numbers: on a 23 GiB machine real width
-does not fit (2-rank runs were killed for memory at ~11.6 GB resident per rank, fp32 and mixed, SGD).
+2-rank runs (`--precision`): fp32 throughout (the default), or mixed (fp32 shards, bf16 compute, fp32
+reductions); `--optimizer`: VeOmni's AdamW, or a stateless SGD (the default at real width: AdamW's
+two fp32 states per parameter do not fit beside two ranks), whose plan counts no optimizer state. A
+2-rank run whose plan, plus each rank's process overhead, exceeds the available memory is skipped
+with the numbers.
 JSON: {"speed": {"patched_vs_hf": {"ratio", ...}, "ours_vs_veomni": {...}}, "ep": {"ep2_vs_ep1": {...}},
 "memory": {"fsdp2_ep2": {"ratios": {"peak", "static"}, ...}, "sp2_ep2": {...}}, "machine": ...}.
 """
@@ -54,8 +56,7 @@ MEMORY_LAYOUTS = {"fsdp2_ep2": dict(ep=2, sp=1), "sp2_ep2": dict(ep=2, sp=2)}
 EP_LAYOUTS = {"fsdp2_ep2": dict(ep=2, sp=1), "fsdp2_ep1": dict(ep=1, sp=1)}
 GIB = 2**30
 # Resident memory of a rank beyond what the profiler counts as allocated: Python, torch and VeOmni
-# (~0.5 GiB) and heap the allocator keeps. Measured: real-width ranks (mixed precision, EP 2, 9.2 GiB
-# planned) were killed for memory at 11.6 GB resident each on a 23 GiB machine.
+# (~0.5 GiB) and heap the allocator keeps.
 RANK_OVERHEAD_BYTES = int(2.5 * GIB)
 TOP_OPS = 12
 
@@ -202,7 +203,7 @@ def run_layouts(args, layouts: dict, measure_memory: bool, timed_steps: int) -> 
     runs = {}
     for name, layout in layouts.items():
         spec = measure_spec(
-            config=args.config, batch="realwidth_packs", mixed_precision=args.precision == "mixed", grad_ckpt=False, optimizer=args.optimizer,
+            config="realwidth_2rank" if args.config == "realwidth" else args.config, batch="realwidth_packs", mixed_precision=args.precision == "mixed", grad_ckpt=False, optimizer=args.optimizer,
             measure_memory=measure_memory, timed_steps=timed_steps, **layout,
         )
         ok, text = fits(spec)
@@ -268,9 +269,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default=None, help="2-rank runs' optimizer (default: sgd at real width, adamw for cpu)")
     parser.add_argument(
-        "--precision", choices=["fp32", "mixed"], default=None,
-        help="2-rank runs: fp32 throughout, or mixed (fp32 shards, bf16 compute, fp32 reductions; VeOmni's default); "
-        "default: mixed at real width (fp32 does not fit 2 ranks in 23 GiB), fp32 for cpu",
+        "--precision", choices=["fp32", "mixed"], default="fp32",
+        help="2-rank runs: fp32 throughout, or mixed (fp32 shards, bf16 compute, fp32 reductions; VeOmni's default)",
     )
     parser.add_argument("--ignore-memory-check", action="store_true", help="run 2-rank layouts even when their plan exceeds the available memory")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per 2-rank launch")
@@ -279,7 +279,6 @@ def main(argv=None) -> int:
     if not set(sections) <= set(SECTIONS):
         parser.error(f"--sections: unknown {sorted(set(sections) - set(SECTIONS))}; choose from {SECTIONS}")
     args.optimizer = args.optimizer or ("sgd" if args.config == "realwidth" else "adamw")
-    args.precision = args.precision or ("mixed" if args.config == "realwidth" else "fp32")
     set_threads(args.threads)
     quiet_veomni_logs()
     reps, warmup = (2, 0) if args.quick else (args.reps, args.warmup)
