@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import resource
 import types
+from typing import Any
 
 import torch
 
@@ -91,7 +92,7 @@ class _CpuDevice(types.SimpleNamespace):
 _CPU_DEVICE = _CpuDevice()
 
 
-def get_torch_device():
+def get_torch_device() -> Any:
     """VeOmni's device module, or on CPU `torch.cpu` with the memory API its meters call."""
     if device_type() == "cpu":
         return _CPU_DEVICE
@@ -100,5 +101,5 @@ def get_torch_device():
     return original(TORCH_DEVICE_PATCH)()
 
 
-def get_dist_comm_backend():
+def get_dist_comm_backend() -> str:
     return dist_backend()

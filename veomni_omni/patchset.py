@@ -201,7 +201,7 @@ MODEL_AND_TRAINER = (
         test="tests/test_moe.py::test_plans_name_exactly_the_thinker_experts",
     ),
     Patch(
-        name="config_unknown_keys",
+        name=config_keys.UNKNOWN_KEYS_PATCH,
         owner=veomni_parser,
         attr="_instantiate_recursive",
         replacement=config_keys.instantiate_checked,
@@ -374,7 +374,7 @@ MODEL_AND_TRAINER = (
         test="tests/test_kernels.py",
     ),
     Patch(
-        name="compile_model_check",
+        name=veomni_compile.MODEL_CHECK_PATCH,
         owner=veomni_torch_compile,
         attr="validate_compile_model",
         replacement=veomni_compile.validate_compile_model,
@@ -393,7 +393,7 @@ MODEL_AND_TRAINER = (
         test="tests/test_compile.py",
     ),
     Patch(
-        name="trainer_compile_runtime_check",
+        name=veomni_compile.RUNTIME_CHECK_PATCH,
         owner=veomni_vlm_trainer,
         attr="validate_compile_runtime",
         replacement=veomni_compile.validate_compile_runtime,

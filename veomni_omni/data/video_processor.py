@@ -21,7 +21,7 @@ kernels differ slightly, so rows differ by interpolation noise.
 
 Two entries of the patch set (veomni_omni/patchset.py, group "video processor without torchvision")
 make processors holding this class constructible and loadable through `AutoProcessor.from_pretrained`
-without torchvision; `VIDEO_LOADER_PATCH` below says how.
+without torchvision; the comment above `AUTO_LOADERS` says how.
 """
 
 from __future__ import annotations
