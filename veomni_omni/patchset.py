@@ -165,7 +165,7 @@ MODEL_AND_TRAINER = (
         test="tests/test_veomni_trainer.py",
     ),
     Patch(
-        name="thinker_experts_forward",
+        name=moe.EXPERTS_FORWARD_PATCH,
         owner=hf.Qwen3OmniMoeThinkerTextExperts,
         attr="forward",
         replacement=moe.experts_forward,
@@ -276,7 +276,7 @@ MODEL_AND_TRAINER = (
         test="tests/test_veomni_trainer_parity.py",
     ),
     Patch(
-        name="packed_attention",
+        name=packed_attention.PACKED_ATTENTION_PATCH,
         owner=packed_attention.AttentionInterface,
         attr="get_interface",
         replacement=packed_attention.get_interface,
@@ -329,7 +329,7 @@ MODEL_AND_TRAINER = (
         test="tests/test_audio_tower.py",
     ),
     Patch(
-        name="text_rms_norm_forward",
+        name=kernels.RMS_NORM_PATCH,
         owner=hf.Qwen3OmniMoeThinkerTextRMSNorm,
         attr="forward",
         replacement=kernels.rms_norm_forward,
@@ -347,7 +347,7 @@ MODEL_AND_TRAINER = (
         test="tests/test_kernels.py",
     ),
     Patch(
-        name="text_rotary_pos_emb",
+        name=kernels.ROTARY_PATCH,
         owner=hf,
         attr="apply_rotary_pos_emb",
         replacement=kernels.apply_rotary_pos_emb,
@@ -356,7 +356,7 @@ MODEL_AND_TRAINER = (
         test="tests/test_kernels.py",
     ),
     Patch(
-        name="text_mlp_forward",
+        name=kernels.MLP_PATCH,
         owner=hf.Qwen3OmniMoeThinkerTextMLP,
         attr="forward",
         replacement=kernels.text_mlp_forward,
@@ -365,7 +365,7 @@ MODEL_AND_TRAINER = (
         test="tests/test_kernels.py",
     ),
     Patch(
-        name="vision_rotary_pos_emb",
+        name=kernels.VISION_ROTARY_PATCH,
         owner=hf,
         attr="apply_rotary_pos_emb_vision",
         replacement=kernels.apply_rotary_pos_emb_vision,
