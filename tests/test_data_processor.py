@@ -83,21 +83,19 @@ def test_round_trip_through_save_and_load(saved):
 
 
 def test_loading_needs_the_registration_hook_without_torchvision(saved):
-    """Documents the transformers gap `register()` closes (fails if transformers fixes it)."""
+    """Documents the transformers gap the patch set's video-processor entries close (fails if transformers fixes it)."""
     from transformers import AutoProcessor
     from transformers.utils import is_torchvision_available
 
-    from veomni_omni.data import video_processor
+    from veomni_omni import patching
+    from veomni_omni.patchset import VIDEO_PROCESSOR
 
     if is_torchvision_available():
         pytest.skip("the gap only exists without torchvision")
     _, path = saved
-    video_processor.unregister()
-    try:
+    with patching.suspended(VIDEO_PROCESSOR):
         with pytest.raises((ImportError, AttributeError, ValueError)):
             AutoProcessor.from_pretrained(path)
-    finally:
-        video_processor.register()
     assert isinstance(AutoProcessor.from_pretrained(path).video_processor, Qwen2VLVideoProcessorPil)
 
 

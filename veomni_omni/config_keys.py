@@ -26,13 +26,10 @@ from typing import Any, Dict, Optional, Type
 
 from veomni.arguments import parser as veomni_parser
 
-_VEOMNI_INSTANTIATE = veomni_parser.__dict__["_instantiate_recursive"]
-assert _VEOMNI_INSTANTIATE.__module__ == veomni_parser.__name__, (
-    "veomni_omni.config_keys must be imported before the patch set is applied"
-)
+UNKNOWN_KEYS_PATCH = "config_unknown_keys"  # the patch-set entry on VeOmni's `_instantiate_recursive`
 T = veomni_parser.T  # VeOmni's type variable: the replacement's signature is the original's
 
-__all__ = ["UnknownConfigKeyError", "unknown_keys", "check_config_keys", "instantiate_checked"]
+__all__ = ["UNKNOWN_KEYS_PATCH", "UnknownConfigKeyError", "unknown_keys", "check_config_keys", "instantiate_checked"]
 
 
 class UnknownConfigKeyError(ValueError):
@@ -109,4 +106,6 @@ def instantiate_checked(cls: Type[T], config_dict: Dict[str, Any]) -> T:
     """
     if dataclasses.is_dataclass(cls) and isinstance(config_dict, dict):
         check_config_keys(cls, config_dict)
-    return _VEOMNI_INSTANTIATE(cls, config_dict)
+    from .patchset import original
+
+    return original(UNKNOWN_KEYS_PATCH)(cls, config_dict)

@@ -3,10 +3,9 @@
 VeOmni supports CUDA, NPU and MLU only (docs/design.md §4). Its parallel state, Ulysses
 all-to-all and FSDP2 wrapping already work on CPU once a gloo process group exists; what fails is
 the glue around them. Each adaptation below is one function VeOmni calls, replaced by a version
-that answers for CPU and otherwise defers to VeOmni's own. Nothing is forked: the replacement is
-set in `veomni.utils.device` (so modules imported later bind it) and in every loaded VeOmni module
-that imported the original by name; `undo()` puts the originals back everywhere. `import
-veomni_omni` applies it (part of the patch set's hooks).
+that answers for CPU and otherwise defers to VeOmni's own. Nothing is forked: the patch set
+(veomni_omni/patchset.py, group "VeOmni on CPU") sets the replacement in `veomni.utils.device` (so
+modules imported later bind it) and in each VeOmni module that imports the original by name.
 
 | adaptation      | VeOmni function        | what it does on CPU in 0.1.12          | here                              |
 |-----------------|------------------------|----------------------------------------|-----------------------------------|
@@ -18,22 +17,26 @@ veomni_omni` applies it (part of the patch set's hooks).
 Not needed here, and why: `TrainingArguments.init_device` lists only cuda/meta/npu/mlu, but FSDP2
 requires "meta" anyway (VeOmni's `build_parallelize_model` materialises and loads weights on the
 host for CPU ranks); ops implementations default to CUDA kernels, `veomni_omni.host.eager_ops_config`
-selects the eager ones.
+selects the eager ones. The CUDA-kernel modules under `veomni.ops.kernels` that also import
+`get_torch_device` by name are not patched: they never load on CPU, and elsewhere the replacement
+would defer to VeOmni's own.
 
-On CUDA/NPU/MLU machines `apply()` changes nothing (the replacements defer to the originals).
+On CUDA/NPU/MLU machines the replacements change nothing (they defer to the originals).
 """
 
 from __future__ import annotations
 
 import resource
-import sys
 import types
+from typing import Any
 
 import torch
 
-__all__ = ["apply", "undo", "is_applied", "dist_backend", "device_type"]
+__all__ = ["COMM_BACKEND_PATCH", "TORCH_DEVICE_PATCH", "device_type", "dist_backend", "get_dist_comm_backend", "get_torch_device"]
 
-_ORIGINALS: dict[str, object] = {}
+# The patch-set entries on veomni.utils.device, whose originals the replacements defer to.
+TORCH_DEVICE_PATCH = "cpu_torch_device"
+COMM_BACKEND_PATCH = "cpu_comm_backend"
 
 
 def device_type() -> str:
@@ -46,7 +49,9 @@ def dist_backend() -> str:
     """The process-group backend for this machine: VeOmni's answer, or "gloo" on CPU."""
     if device_type() == "cpu":
         return "gloo"
-    return _ORIGINALS["get_dist_comm_backend"]()
+    from .patchset import original
+
+    return original(COMM_BACKEND_PATCH)()
 
 
 def _peak_rss_bytes() -> int:
@@ -87,47 +92,14 @@ class _CpuDevice(types.SimpleNamespace):
 _CPU_DEVICE = _CpuDevice()
 
 
-def _get_torch_device():
+def get_torch_device() -> Any:
+    """VeOmni's device module, or on CPU `torch.cpu` with the memory API its meters call."""
     if device_type() == "cpu":
         return _CPU_DEVICE
-    return _ORIGINALS["get_torch_device"]()
+    from .patchset import original
+
+    return original(TORCH_DEVICE_PATCH)()
 
 
-def _get_dist_comm_backend():
+def get_dist_comm_backend() -> str:
     return dist_backend()
-
-
-_REPLACEMENTS = {"get_dist_comm_backend": _get_dist_comm_backend, "get_torch_device": _get_torch_device}
-
-
-def _veomni_modules():
-    return [m for name, m in list(sys.modules.items()) if m is not None and (name == "veomni" or name.startswith("veomni."))]
-
-
-def _swap(old_of, new_of) -> None:
-    """Every loaded VeOmni module's attribute holding old_of(name) gets new_of(name)."""
-    for module in _veomni_modules():
-        for name in _REPLACEMENTS:
-            if getattr(module, name, None) is old_of(name):
-                setattr(module, name, new_of(name))
-
-
-def apply() -> None:
-    """Install the adaptations (idempotent)."""
-    from veomni.utils import device
-
-    for name in _REPLACEMENTS:
-        if getattr(device, name) is not _REPLACEMENTS[name]:
-            _ORIGINALS[name] = getattr(device, name)
-    _swap(_ORIGINALS.__getitem__, _REPLACEMENTS.__getitem__)
-
-
-def undo() -> None:
-    if _ORIGINALS:
-        _swap(_REPLACEMENTS.__getitem__, _ORIGINALS.__getitem__)
-
-
-def is_applied() -> bool:
-    from veomni.utils import device
-
-    return all(getattr(device, name) is replacement for name, replacement in _REPLACEMENTS.items())

@@ -1,22 +1,33 @@
-"""The whole patch set, on one screen. Each entry: target (a transformers or VeOmni attribute),
-fingerprint of the source it replaces (None: an addition), why, and the test that proves it.
+"""The whole patch set: every runtime change veomni_omni makes to transformers and VeOmni, in groups.
+Each entry: target (an attribute of a transformers/VeOmni class or module, or a key of a VeOmni
+registry), fingerprint of what it replaces (None: an addition), why, and the test that proves it.
 Diffs: patches/<name>.diff."""
 
+from transformers import processing_utils
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
+from transformers.video_processing_utils import VideoProcessorMixin
 from veomni.arguments import parser as veomni_parser
+from veomni.data import data_transform as veomni_data_transform
 from veomni.distributed import torch_compile as veomni_torch_compile
 from veomni.distributed import torch_parallelize as veomni_parallelize
 from veomni.lora import moe_layers as veomni_moe_lora
+from veomni.models import loader as veomni_loader
+from veomni.trainer import base as veomni_trainer_base
 from veomni.trainer import vlm_trainer as veomni_vlm_trainer
+from veomni.utils import device as veomni_device
+from veomni.utils import helper as veomni_helper
 
-from . import config_keys
+from . import config_keys, host_cpu, registry
 from .checkpoint import veomni_io, veomni_resume
 from .models import audio_tower, init, kernels, moe, packed_attention, sequence_parallel, thinker, veomni_compile, veomni_hooks
 from .parallel import lora as parallel_lora
+from .data import video_processor
+from .data.veomni_transform import transform_sample
 from .parallel import plan
-from .patching import Patch
+from .patching import Patch, RegistryEntry
 
-PATCHES = (
+# ------------------------------------------------------------ the model's classes and VeOmni's trainer
+MODEL_AND_TRAINER = (
     Patch(
         name="thinker_model_forward",
         owner=hf.Qwen3OmniMoeThinkerModel,
@@ -154,7 +165,7 @@ PATCHES = (
         test="tests/test_veomni_trainer.py",
     ),
     Patch(
-        name="thinker_experts_forward",
+        name=moe.EXPERTS_FORWARD_PATCH,
         owner=hf.Qwen3OmniMoeThinkerTextExperts,
         attr="forward",
         replacement=moe.experts_forward,
@@ -190,7 +201,7 @@ PATCHES = (
         test="tests/test_moe.py::test_plans_name_exactly_the_thinker_experts",
     ),
     Patch(
-        name="config_unknown_keys",
+        name=config_keys.UNKNOWN_KEYS_PATCH,
         owner=veomni_parser,
         attr="_instantiate_recursive",
         replacement=config_keys.instantiate_checked,
@@ -265,7 +276,7 @@ PATCHES = (
         test="tests/test_veomni_trainer_parity.py",
     ),
     Patch(
-        name="packed_attention",
+        name=packed_attention.PACKED_ATTENTION_PATCH,
         owner=packed_attention.AttentionInterface,
         attr="get_interface",
         replacement=packed_attention.get_interface,
@@ -318,7 +329,7 @@ PATCHES = (
         test="tests/test_audio_tower.py",
     ),
     Patch(
-        name="text_rms_norm_forward",
+        name=kernels.RMS_NORM_PATCH,
         owner=hf.Qwen3OmniMoeThinkerTextRMSNorm,
         attr="forward",
         replacement=kernels.rms_norm_forward,
@@ -336,7 +347,7 @@ PATCHES = (
         test="tests/test_kernels.py",
     ),
     Patch(
-        name="text_rotary_pos_emb",
+        name=kernels.ROTARY_PATCH,
         owner=hf,
         attr="apply_rotary_pos_emb",
         replacement=kernels.apply_rotary_pos_emb,
@@ -345,7 +356,7 @@ PATCHES = (
         test="tests/test_kernels.py",
     ),
     Patch(
-        name="text_mlp_forward",
+        name=kernels.MLP_PATCH,
         owner=hf.Qwen3OmniMoeThinkerTextMLP,
         attr="forward",
         replacement=kernels.text_mlp_forward,
@@ -354,7 +365,7 @@ PATCHES = (
         test="tests/test_kernels.py",
     ),
     Patch(
-        name="vision_rotary_pos_emb",
+        name=kernels.VISION_ROTARY_PATCH,
         owner=hf,
         attr="apply_rotary_pos_emb_vision",
         replacement=kernels.apply_rotary_pos_emb_vision,
@@ -363,7 +374,7 @@ PATCHES = (
         test="tests/test_kernels.py",
     ),
     Patch(
-        name="compile_model_check",
+        name=veomni_compile.MODEL_CHECK_PATCH,
         owner=veomni_torch_compile,
         attr="validate_compile_model",
         replacement=veomni_compile.validate_compile_model,
@@ -382,7 +393,7 @@ PATCHES = (
         test="tests/test_compile.py",
     ),
     Patch(
-        name="trainer_compile_runtime_check",
+        name=veomni_compile.RUNTIME_CHECK_PATCH,
         owner=veomni_vlm_trainer,
         attr="validate_compile_runtime",
         replacement=veomni_compile.validate_compile_runtime,
@@ -421,7 +432,166 @@ PATCHES = (
 )
 
 
+# ------------------------------------------------------------ VeOmni's registries
+# VeOmni builds a qwen3_omni_moe config, model, processor and data transform through these keys; its own
+# entries give its generated copy of transformers 5.9's modeling, which on 5.22 leaves MoE weights at zero.
+REGISTRIES = (
+    RegistryEntry(
+        name="registry_omni_config",
+        module=veomni_loader,
+        registry="MODEL_CONFIG_REGISTRY",
+        key="qwen3_omni_moe",
+        replacement=registry.omni_config_class,
+        fingerprint="cc3cfee9f351699c",
+        why="VeOmni's config class is its 5.9 copy; the model classes below need transformers' own",
+        test="tests/test_registry.py::test_registries_resolve_to_veomni_omni",
+    ),
+    RegistryEntry(
+        name="registry_thinker_config",
+        module=veomni_loader,
+        registry="MODEL_CONFIG_REGISTRY",
+        key="qwen3_omni_moe_thinker",
+        replacement=registry.thinker_config_class,
+        fingerprint=None,
+        why="a thinker-only checkpoint (model_type qwen3_omni_moe_thinker) had no entry",
+        test="tests/test_registry.py::test_registries_resolve_to_veomni_omni",
+    ),
+    RegistryEntry(
+        name="registry_omni_modeling",
+        module=veomni_loader,
+        registry="MODELING_REGISTRY",
+        key="qwen3_omni_moe",
+        replacement=registry.model_class,
+        fingerprint="fbed658f4810d9fe",
+        why="VeOmni's generated 5.9 modeling leaves MoE expert and router weights at zero on 5.22; the patched HF classes by architecture",
+        test="tests/test_registry.py::test_veomni_builder_initialises_moe_weights",
+    ),
+    RegistryEntry(
+        name="registry_thinker_modeling",
+        module=veomni_loader,
+        registry="MODELING_REGISTRY",
+        key="qwen3_omni_moe_thinker",
+        replacement=registry.thinker_model_class,
+        fingerprint=None,
+        why="the thinker (or its text decoder) for a thinker-only config",
+        test="tests/test_registry.py::test_registries_resolve_to_veomni_omni",
+    ),
+    RegistryEntry(
+        name="registry_processor",
+        module=veomni_loader,
+        registry="MODEL_PROCESSOR_REGISTRY",
+        key="Qwen3OmniMoeProcessor",
+        replacement=registry.processor_class,
+        fingerprint="556ee3d8fa558c72",
+        why="transformers' processor, whose sub-processors the model's placeholder counts are checked against",
+        test="tests/test_registry.py::test_registries_resolve_to_veomni_omni",
+    ),
+    RegistryEntry(
+        name="registry_omni_transform",
+        module=veomni_data_transform,
+        registry="DATA_TRANSFORM_REGISTRY",
+        key="qwen3_omni_moe",
+        replacement=transform_sample,
+        fingerprint="4fca17cb27fd8284",
+        why="VLMTrainer builds its data transform by model_type; ours gives exactly the HF processor's inputs and the patched model's positions",
+        test="tests/test_veomni_trainer.py",
+    ),
+    RegistryEntry(
+        name="registry_thinker_transform",
+        module=veomni_data_transform,
+        registry="DATA_TRANSFORM_REGISTRY",
+        key="qwen3_omni_moe_thinker",
+        replacement=transform_sample,
+        fingerprint=None,
+        why="the same for a thinker-only config",
+        test="tests/test_veomni_trainer.py",
+    ),
+)
+
+# ------------------------------------------------------------ a video processor without torchvision
+# transformers 5.22 cannot build or load a processor with a video processor where torchvision is missing
+# (veomni_omni/data/video_processor.py: the two gaps); ours is torchvision-free.
+VIDEO_PROCESSOR = (
+    Patch(
+        name="video_processor_mixin_export",
+        owner=processing_utils.transformers_module,  # the `transformers` ProcessorMixin looks names up on
+        attr="VideoProcessorMixin",
+        replacement=VideoProcessorMixin,
+        fingerprint=None,
+        only_if=video_processor.without_torchvision,
+        why="ProcessorMixin type-checks a video_processor against transformers.VideoProcessorMixin, exported only with torchvision: "
+        "no processor with a video processor could be built",
+        test="tests/test_data_processor.py::test_loading_needs_the_registration_hook_without_torchvision",
+    ),
+    Patch(
+        name=video_processor.VIDEO_LOADER_PATCH,
+        owner=processing_utils._LazyAutoProcessorMapping,
+        attr="_MAPPING_NAMES",
+        replacement=video_processor.AUTO_LOADERS,
+        fingerprint="3cc52a49db04309f",
+        why="ProcessorMixin.from_pretrained loads a video_processor with AutoVideoProcessor, a placeholder without torchvision; "
+        "ours loads our class and stands in for Qwen2VLVideoProcessor, handing every other class to AutoVideoProcessor",
+        test="tests/test_data_processor.py::test_loading_needs_the_registration_hook_without_torchvision",
+    ),
+)
+
+# ------------------------------------------------------------ VeOmni on CPU
+# VeOmni's distributed set-up refuses CPU (veomni_omni/host_cpu.py); on other devices the replacements defer
+# to VeOmni's own. Set where VeOmni defines them and in each module that imports them by name (the CUDA-kernel
+# modules under veomni.ops.kernels excepted: they never load on CPU).
+CPU_HOST = (
+    Patch(
+        name=host_cpu.TORCH_DEVICE_PATCH,
+        owner=veomni_device,
+        attr="get_torch_device",
+        replacement=host_cpu.get_torch_device,
+        fingerprint="087ffe45d64f9fd8",
+        why="on CPU VeOmni's device module is torch.cpu, which lacks the memory API its meters and trainer call",
+        test="tests/test_host_cpu.py",
+    ),
+    Patch(
+        name=host_cpu.COMM_BACKEND_PATCH,
+        owner=veomni_device,
+        attr="get_dist_comm_backend",
+        replacement=host_cpu.get_dist_comm_backend,
+        fingerprint="f265cadbf291333b",
+        why="on CPU VeOmni found no process-group backend and raised; gloo",
+        test="tests/test_host_cpu.py",
+    ),
+    Patch(
+        name="cpu_torch_device_helper",
+        owner=veomni_helper,
+        attr="get_torch_device",
+        replacement=host_cpu.get_torch_device,
+        fingerprint="087ffe45d64f9fd8",
+        why="the same where VeOmni's helpers (meters, seeding, cache emptying) imported it by name",
+        test="tests/test_host_cpu.py",
+    ),
+    Patch(
+        name="cpu_torch_device_trainer",
+        owner=veomni_trainer_base,
+        attr="get_torch_device",
+        replacement=host_cpu.get_torch_device,
+        fingerprint="087ffe45d64f9fd8",
+        why="the same where VeOmni's trainer imported it by name",
+        test="tests/test_host_cpu.py",
+    ),
+    Patch(
+        name="cpu_comm_backend_trainer",
+        owner=veomni_trainer_base,
+        attr="get_dist_comm_backend",
+        replacement=host_cpu.get_dist_comm_backend,
+        fingerprint="f265cadbf291333b",
+        why="the same where VeOmni's trainer (process-group set-up) imported it by name",
+        test="tests/test_host_cpu.py",
+    ),
+)
+
+PATCHES = MODEL_AND_TRAINER + REGISTRIES + VIDEO_PROCESSOR + CPU_HOST
+_BY_NAME = {patch.name: patch for patch in PATCHES}
+
+
 def original(patch_name: str):
-    """The upstream attribute the named patch replaces (whether or not the set is applied now), for
+    """The upstream value the named entry replaces (whether or not the set is applied now), for
     replacements that hand some cases back to it."""
-    return next(p for p in PATCHES if p.name == patch_name).original()
+    return _BY_NAME[patch_name].original()

@@ -1,8 +1,9 @@
-"""Hand veomni_omni's model, config and processor classes to VeOmni's registries.
+"""What veomni_omni hands VeOmni's registries: the factories VeOmni calls for a qwen3_omni_moe config.
 
 VeOmni 0.1.12 ships its own generated qwen3_omni_moe (a copy of transformers 5.9's modeling);
 on transformers 5.22 it leaves MoE expert and router weights at zero when built from config.
-We override its entries (instance-local, so `undo` restores VeOmni's) with the patched HF classes.
+The patch set (veomni_omni/patchset.py, group "VeOmni's registries") overrides its entries with
+these factories, which give the patched HF classes; `undo` gives VeOmni its own entries back.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 from transformers.models.qwen3_omni_moe import configuration_qwen3_omni_moe as hf_config
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf_modeling
 from transformers.models.qwen3_omni_moe import processing_qwen3_omni_moe as hf_processing
-
-from .data.veomni_transform import transform_sample
 
 # (substring of the architecture name, class), most specific first.
 _ARCHITECTURES = (
@@ -38,49 +37,14 @@ def thinker_model_class(architecture: str | None):
     return hf_modeling.Qwen3OmniMoeThinkerForConditionalGeneration
 
 
-# registry name -> {key: factory}; VeOmni calls config/processor factories with no argument.
-ENTRIES = {
-    "MODEL_CONFIG_REGISTRY": {
-        "qwen3_omni_moe": lambda: hf_config.Qwen3OmniMoeConfig,
-        "qwen3_omni_moe_thinker": lambda: hf_config.Qwen3OmniMoeThinkerConfig,
-    },
-    "MODELING_REGISTRY": {
-        "qwen3_omni_moe": model_class,
-        "qwen3_omni_moe_thinker": thinker_model_class,
-    },
-    "MODEL_PROCESSOR_REGISTRY": {
-        "Qwen3OmniMoeProcessor": lambda: hf_processing.Qwen3OmniMoeProcessor,
-    },
-    # VLMTrainer builds its data transform by the config's model_type (called with the sample).
-    "DATA_TRANSFORM_REGISTRY": {
-        "qwen3_omni_moe": transform_sample,
-        "qwen3_omni_moe_thinker": transform_sample,
-    },
-}
+# VeOmni calls config and processor factories with no argument.
+def omni_config_class():
+    return hf_config.Qwen3OmniMoeConfig
 
 
-def _registries():
-    from veomni.data import data_transform
-    from veomni.models import loader
-
-    return {name: getattr(data_transform if name == "DATA_TRANSFORM_REGISTRY" else loader, name) for name in ENTRIES}
+def thinker_config_class():
+    return hf_config.Qwen3OmniMoeThinkerConfig
 
 
-_previous: dict[tuple[str, str], object] = {}
-
-
-def register() -> None:
-    for name, registry in _registries().items():
-        for key, factory in ENTRIES[name].items():
-            _previous[(name, key)] = registry._local_mapping.get(key)
-            registry[key] = factory
-
-
-def unregister() -> None:
-    for name, registry in _registries().items():
-        for key in ENTRIES[name]:
-            previous = _previous.pop((name, key), None)
-            if previous is None:
-                registry._local_mapping.pop(key, None)
-            else:
-                registry[key] = previous
+def processor_class():
+    return hf_processing.Qwen3OmniMoeProcessor

@@ -12,8 +12,8 @@
 - video processor: `Qwen2VLVideoProcessorPil` (torchvision-free, see video_processor.py).
 
 `build_tiny_processor(save_dir)` saves it; `load_processor(save_dir)` loads it back, and so do
-`AutoProcessor.from_pretrained(save_dir)` and VeOmni's `build_processor(save_dir)` once
-`veomni_omni.data.video_processor` has been imported (this module imports it).
+`AutoProcessor.from_pretrained(save_dir)` and VeOmni's `build_processor(save_dir)` while the patch set
+is applied (`import veomni_omni`; its video-processor entries make this loadable without torchvision).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 from . import synthetic
-from .video_processor import Qwen2VLVideoProcessorPil, register
+from .video_processor import Qwen2VLVideoProcessorPil
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -204,7 +204,6 @@ def build_tiny_processor(
     frame: the defaults keep the synthetic 64×64 media at their size (a 4×4 ViT grid) and shrink
     anything larger than 128×128.
     """
-    register()
     vision = dict(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=temporal_patch_size,
                   image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
     processor = Qwen3OmniMoeProcessor(
@@ -223,11 +222,10 @@ def build_tiny_processor(
 
 
 def load_processor(path: os.PathLike, **kwargs) -> Qwen3OmniMoeProcessor:
-    """`AutoProcessor.from_pretrained(path)` after making the torchvision-free video processor
-    loadable (`video_processor.register`). Works for `build_tiny_processor` output and, on machines
+    """`AutoProcessor.from_pretrained(path)`; the patch set makes the torchvision-free video processor
+    loadable. Works for `build_tiny_processor` output and, on machines
     without torchvision, for released Qwen3-Omni processors (their `Qwen2VLVideoProcessor` config is
     served by `Qwen2VLVideoProcessorPil`)."""
     from transformers import AutoProcessor
 
-    register()
     return AutoProcessor.from_pretrained(os.fspath(path), **kwargs)

@@ -19,9 +19,9 @@ should agree to float32 round-off (torchvision fuses rescale and normalise as
 machines of this project, where it was never run). With resizing, PIL's and torchvision's bicubic
 kernels differ slightly, so rows differ by interpolation noise.
 
-`register()` makes processors holding this class constructible and loadable through
-`AutoProcessor.from_pretrained` without torchvision (see its docstring); importing this module
-calls it.
+Two entries of the patch set (veomni_omni/patchset.py, group "video processor without torchvision")
+make processors holding this class constructible and loadable through `AutoProcessor.from_pretrained`
+without torchvision; the comment above `AUTO_LOADERS` says how.
 """
 
 from __future__ import annotations
@@ -36,10 +36,13 @@ from PIL import Image
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, SizeDict
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-from transformers.processing_utils import VideosKwargs
+from transformers.processing_utils import VideosKwargs, _LazyAutoProcessorMapping
+from transformers.utils import is_torchvision_available
 from transformers.video_processing_utils import VideoProcessorMixin
 
-__all__ = ["AutoVideoProcessorPil", "Qwen2VLVideoProcessorPil", "register", "sample_frame_indices", "unregister"]
+__all__ = [
+    "AUTO_LOADERS", "AutoVideoProcessorPil", "Qwen2VLVideoProcessorPil", "VIDEO_LOADER_PATCH", "sample_frame_indices", "without_torchvision",
+]
 
 
 class Qwen2VLVideoProcessorPilKwargs(VideosKwargs, total=False):
@@ -303,9 +306,17 @@ def _per_channel(value, channels: int) -> list[float]:
     return value
 
 
+VIDEO_LOADER_PATCH = "video_processor_loader"
+
+
+def without_torchvision() -> bool:
+    """transformers cannot import torchvision here"""
+    return not is_torchvision_available()
+
+
 class AutoVideoProcessorPil:
-    """What `ProcessorMixin.from_pretrained` uses to load a processor's `video_processor` once
-    `register()` ran: our class for our saved configs; HF's `AutoVideoProcessor` for everything else
+    """What `ProcessorMixin.from_pretrained` uses to load a processor's `video_processor` once the patch
+    set is applied: our class for our saved configs; HF's `AutoVideoProcessor` for everything else
     where torchvision is importable; and, where it is not, our class as a stand-in for
     `Qwen2VLVideoProcessor` configs (same keys, same output), so released Qwen-Omni/Qwen-VL
     checkpoints load on torchvision-free machines too."""
@@ -314,8 +325,6 @@ class AutoVideoProcessorPil:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        from transformers.utils import is_torchvision_available
-
         load_kwargs = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
         config, _ = Qwen2VLVideoProcessorPil.get_video_processor_dict(pretrained_model_name_or_path, **load_kwargs)
         name = config.get("video_processor_type") or str(config.get("image_processor_type", "")).replace(
@@ -323,75 +332,31 @@ class AutoVideoProcessorPil:
         )
         if name == Qwen2VLVideoProcessorPil.__name__ or (not is_torchvision_available() and name in cls.STANDS_IN_FOR):
             return Qwen2VLVideoProcessorPil.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        if _previous_auto_video is None:
-            raise ImportError(f"no video processor loader to hand {name!r} to")
-        module_name, attr = _previous_auto_video
+        from ..patchset import original
+
+        module_name, attr = original(VIDEO_LOADER_PATCH)["video_processor"]
         module = __import__(module_name, fromlist=[attr])
         return getattr(module, attr).from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
-_previous_auto_video = None
-_exported_mixin = False
-_registered = False
-
-
-def register() -> None:
-    """Make processors with a `Qwen2VLVideoProcessorPil` constructible and loadable — by
-    `Qwen3OmniMoeProcessor(...)`, `AutoProcessor.from_pretrained` and VeOmni's `build_processor` —
-    on machines without torchvision (idempotent; `unregister` undoes it). Two gaps in transformers
-    5.22 without torchvision:
-
-    1. `ProcessorMixin.__init__` type-checks a `video_processor` argument against
-       `transformers.VideoProcessorMixin`, found by name on the top-level module; that name is only
-       exported when torchvision is importable, and the lookup's fallback then reads
-       `VIDEO_PROCESSOR_MAPPING._extra_content` from a dummy object and raises AttributeError. So no
-       processor with a video processor can be built at all. We export the (torchvision-free)
-       `VideoProcessorMixin` under that name.
-    2. `ProcessorMixin.from_pretrained` loads each primary sub-processor with the Auto class named
-       in `processing_utils.MODALITY_TO_AUTOPROCESSOR_MAPPING`; `AutoVideoProcessor` is an import
-       placeholder whose every attribute access raises ImportError, so nothing registered with it
-       is reachable. We point that mapping's "video_processor" entry (an instance attribute
-       shadowing the class-level table) at `AutoVideoProcessorPil`, which hands every other class
-       back to `AutoVideoProcessor`.
-
-    With torchvision both gaps are absent and `AutoVideoProcessorPil` only adds our class name
-    (`AutoVideoProcessor.from_pretrained` itself does not know it: load the class directly or
-    through `AutoProcessor`). We do not use `AutoVideoProcessor.register`: it stores a dict in
-    `VIDEO_PROCESSOR_MAPPING._extra_content`, which `ProcessorMixin.get_possibly_dynamic_module`
-    then reads as a class (`.__name__`) when it looks up any name transformers does not export.
-    """
-    global _registered, _previous_auto_video, _exported_mixin
-    if _registered:
-        return
-    import transformers
-    from transformers import processing_utils
-    from transformers.utils import is_torchvision_available
-
-    if "VideoProcessorMixin" not in vars(transformers) and not is_torchvision_available():
-        setattr(transformers, "VideoProcessorMixin", VideoProcessorMixin)
-        _exported_mixin = True
-    mapping = processing_utils.MODALITY_TO_AUTOPROCESSOR_MAPPING
-    names = dict(mapping._MAPPING_NAMES)
-    _previous_auto_video = names["video_processor"]
-    names["video_processor"] = (__name__, AutoVideoProcessorPil.__name__)
-    mapping._MAPPING_NAMES = names  # instance attribute; the class-level table stays untouched
-    _registered = True
-
-
-def unregister() -> None:
-    """Undo `register` (idempotent)."""
-    global _registered, _exported_mixin
-    if not _registered:
-        return
-    import transformers
-    from transformers import processing_utils
-
-    processing_utils.MODALITY_TO_AUTOPROCESSOR_MAPPING.__dict__.pop("_MAPPING_NAMES", None)
-    if _exported_mixin:
-        vars(transformers).pop("VideoProcessorMixin", None)
-        _exported_mixin = False
-    _registered = False
-
-
-register()
+# Two gaps in transformers 5.22 without torchvision, each closed by an entry of the patch set:
+#
+# 1. `ProcessorMixin.__init__` type-checks a `video_processor` argument against
+#    `transformers.VideoProcessorMixin`, found by name on the top-level module; that name is only
+#    exported when torchvision is importable, and the lookup's fallback then reads
+#    `VIDEO_PROCESSOR_MAPPING._extra_content` from a dummy object and raises AttributeError. So no
+#    processor with a video processor can be built at all. The patch set exports the (torchvision-free)
+#    `VideoProcessorMixin` under that name (only where torchvision is missing).
+# 2. `ProcessorMixin.from_pretrained` loads each primary sub-processor with the Auto class named in
+#    `processing_utils.MODALITY_TO_AUTOPROCESSOR_MAPPING` (its class-level `_MAPPING_NAMES`);
+#    `AutoVideoProcessor` is an import placeholder whose every attribute access raises ImportError, so
+#    nothing registered with it is reachable. The patch set points the table's "video_processor" at
+#    `AutoVideoProcessorPil`, which hands every other class back to `AutoVideoProcessor`.
+#
+# With torchvision both gaps are absent and `AutoVideoProcessorPil` only adds our class name
+# (`AutoVideoProcessor.from_pretrained` itself does not know it: load the class directly or through
+# `AutoProcessor`). We do not use `AutoVideoProcessor.register`: it stores a dict in
+# `VIDEO_PROCESSOR_MAPPING._extra_content`, which `ProcessorMixin.get_possibly_dynamic_module` then
+# reads as a class (`.__name__`) when it looks up any name transformers does not export.
+AUTO_LOADERS = {**_LazyAutoProcessorMapping._MAPPING_NAMES, "video_processor": (__name__, AutoVideoProcessorPil.__name__)}

@@ -25,20 +25,15 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 from veomni.ops.config import singleton as ops_singleton
 from veomni.ops.kernel_registry import KERNEL_REGISTRY
 
-# HF's implementations, captured before the patch set replaces them. Both RMSNorm classes have the
-# same forward (one fingerprint in the patch set), so one original serves both.
-_HF_RMS_NORM_FORWARD = hf.Qwen3OmniMoeThinkerTextRMSNorm.__dict__["forward"]
-_HF_APPLY_ROTARY_POS_EMB = hf.apply_rotary_pos_emb
-_HF_TEXT_MLP_FORWARD = hf.Qwen3OmniMoeThinkerTextMLP.__dict__["forward"]
-_HF_APPLY_ROTARY_POS_EMB_VISION = hf.apply_rotary_pos_emb_vision
-assert all(
-    fn.__module__ == hf.__name__
-    for fn in (_HF_RMS_NORM_FORWARD, _HF_APPLY_ROTARY_POS_EMB, _HF_TEXT_MLP_FORWARD, _HF_APPLY_ROTARY_POS_EMB_VISION)
-), "veomni_omni.models.kernels must be imported before the patch set is applied"
+# The patch-set entries whose originals (HF's code) run when no kernel is selected. Both RMSNorm classes
+# have the same forward (one fingerprint in the patch set), so one original serves both.
+RMS_NORM_PATCH = "text_rms_norm_forward"
+ROTARY_PATCH = "text_rotary_pos_emb"
+MLP_PATCH = "text_mlp_forward"
+VISION_ROTARY_PATCH = "vision_rotary_pos_emb"
 
 # (op, variant, backend) -> kernel. Resolving imports the kernel's package and queries the device, so
 # it is done once; the plain dict lookup afterwards also keeps torch.compile from breaking the graph.
@@ -72,7 +67,9 @@ def selected_kernel(setting: str, op: str, variant: str, tensor: torch.Tensor) -
 def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     kernel = selected_kernel("rms_norm_implementation", "rms_norm", "standard", hidden_states)
     if kernel is None:
-        return _HF_RMS_NORM_FORWARD(self, hidden_states)
+        from ..patchset import original
+
+        return original(RMS_NORM_PATCH)(self, hidden_states)
     if self.weight.dtype != hidden_states.dtype:
         # HF returns weight * normed in the promoted dtype; the kernels return the input's dtype.
         raise ValueError(
@@ -86,7 +83,9 @@ def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
     kernel = selected_kernel("rotary_pos_emb_implementation", "rotary_pos_emb", "full", q)
     if kernel is None:
-        return _HF_APPLY_ROTARY_POS_EMB(q, k, cos, sin, unsqueeze_dim)
+        from ..patchset import original
+
+        return original(ROTARY_PATCH)(q, k, cos, sin, unsqueeze_dim)
     if unsqueeze_dim != 1:
         raise ValueError(
             f"VeOmni's RoPE kernels take q/k as (batch, heads, seq, head_dim) (unsqueeze_dim=1), got unsqueeze_dim={unsqueeze_dim}; "
@@ -98,7 +97,9 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
 def text_mlp_forward(self, x):
     kernel = selected_kernel("swiglu_mlp_implementation", "swiglu_mlp", "standard", x)
     if kernel is None:
-        return _HF_TEXT_MLP_FORWARD(self, x)
+        from ..patchset import original
+
+        return original(MLP_PATCH)(self, x)
     if self.config.hidden_act not in ("silu", "swish"):
         raise ValueError(
             f"VeOmni's SwiGLU kernel computes silu(gate) * up, but this MLP's hidden_act is {self.config.hidden_act!r}; "
@@ -112,5 +113,7 @@ def apply_rotary_pos_emb_vision(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     kernel = selected_kernel("rotary_pos_emb_vision_implementation", "rotary_pos_emb_vision", "full", q)
     if kernel is None:
-        return _HF_APPLY_ROTARY_POS_EMB_VISION(q, k, cos, sin)
+        from ..patchset import original
+
+        return original(VISION_ROTARY_PATCH)(q, k, cos, sin)
     return kernel(q, k, cos, sin)

@@ -41,11 +41,9 @@ from veomni.lora.moe_layers import LoraSharedExperts, is_lora_moe_experts
 
 logger = logging.get_logger(__name__)
 
-# HF's forward: the `use_experts_implementation` wrapper (dispatches on `config._experts_implementation`),
-# captured before the patch set replaces it; `__wrapped__` is HF's eager loop.
-_HF_FORWARD = hf.Qwen3OmniMoeThinkerTextExperts.__dict__["forward"]
-_HF_EAGER = _HF_FORWARD.__wrapped__
-assert _HF_FORWARD.__module__ == hf.__name__, "veomni_omni.models.moe must be imported before the patch set is applied"
+# The patch-set entry on HF's experts forward: its original is the `use_experts_implementation` wrapper
+# (dispatches on `config._experts_implementation`), whose `__wrapped__` is HF's eager loop.
+EXPERTS_FORWARD_PATCH = "thinker_experts_forward"
 
 # ---------------------------------------------------------------------------------------------------
 # Which implementation runs the experts
@@ -268,7 +266,10 @@ def _run_local_experts(experts: nn.Module, x: torch.Tensor, local_ids: torch.Ten
     if is_lora_moe_experts(experts):  # base + adapters, VeOmni's per-expert computation
         implementation = type(experts)._eager_forward
     else:
-        implementation = ALL_EXPERTS_FUNCTIONS.get_interface(experts.config._experts_implementation, _HF_EAGER)
+        from ..patchset import original
+
+        hf_eager = original(EXPERTS_FORWARD_PATCH).__wrapped__
+        implementation = ALL_EXPERTS_FUNCTIONS.get_interface(experts.config._experts_implementation, hf_eager)
     ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
     return implementation(_LocalExperts(experts, num_local), x, local_ids.unsqueeze(1), ones)
 
@@ -382,7 +383,9 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     if kernel is not None:
         return _fused_forward(self, kernel, hidden_states, top_k_index, top_k_weights)
     if group is None:
-        return _HF_FORWARD(self, hidden_states, top_k_index, top_k_weights)
+        from ..patchset import original
+
+        return original(EXPERTS_FORWARD_PATCH)(self, hidden_states, top_k_index, top_k_weights)
     _reduce_gradients_with_sum_on_cpu(self)
     return dispatch_experts(self, hidden_states, top_k_index, top_k_weights, group, counts)
 

@@ -41,7 +41,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward as _
 from transformers.modeling_utils import AttentionInterface
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerTextAttention
 
-_hf_get_interface = AttentionInterface.get_interface  # captured before the patch set is applied
+PACKED_ATTENTION_PATCH = "packed_attention"  # the patch-set entry on `AttentionInterface.get_interface`
 # Keyword arguments HF's attention functions may take that per-segment SDPA does not implement.
 _UNSUPPORTED_WITH_SEGMENTS = ("sliding_window", "softcap", "position_bias", "s_aux")
 _host_copy: tuple[Optional[weakref.ref], list[int]] = (None, [])  # last `cu_seq_lens_q` seen, on the host
@@ -181,7 +181,9 @@ def encoders_skip_ulysses(sequence_parallel_attention, module, *args, **kwargs):
 def get_interface(self, attn_implementation: str, default: Callable) -> Callable:
     """HF's resolution of `attn_implementation`, with sdpa and eager made safe for packed batches and
     Ulysses SP, and VeOmni's SP attentions kept to the text decoder."""
-    interface = _hf_get_interface(self, attn_implementation, default)
+    from ..patchset import original
+
+    interface = original(PACKED_ATTENTION_PATCH)(self, attn_implementation, default)
     if interface is _hf_sdpa:
         return varlen_sdpa_attention
     if interface is default:  # "eager" (or unset): the calling model's own eager attention

@@ -23,14 +23,13 @@ every other model and device goes to VeOmni's own check.
 from __future__ import annotations
 
 from torch import nn
-from veomni.distributed import torch_compile as veomni_torch_compile
 from veomni.distributed.torch_compile import CompileConfig
 
 from ..data.checks import thinker_config_of
 
-# Captured before the patch set replaces them.
-_veomni_validate_compile_model = veomni_torch_compile.validate_compile_model
-_veomni_validate_compile_runtime = veomni_torch_compile.validate_compile_runtime
+# Patch-set entries whose originals (VeOmni's checks) the replacements hand other models and devices to.
+MODEL_CHECK_PATCH = "compile_model_check"
+RUNTIME_CHECK_PATCH = "trainer_compile_runtime_check"
 
 DECODER_BLOCK = "Qwen3OmniMoeThinkerTextDecoderLayer"
 OMNI_MODEL_TYPES = ("qwen3_omni_moe", "qwen3_omni_moe_thinker")
@@ -46,7 +45,9 @@ def validate_compile_model(
     """VeOmni's check, with Qwen3-Omni admitted under the contracts of the module doc."""
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in OMNI_MODEL_TYPES:
-        return _veomni_validate_compile_model(model, compile_config, sequence_parallel_enabled, async_enabled)
+        from ..patchset import original
+
+        return original(MODEL_CHECK_PATCH)(model, compile_config, sequence_parallel_enabled, async_enabled)
     problems = []
     if compile_config.dynamic:
         problems.append("train.torch_compile.dynamic=False (packed lengths are padded to train.pad_to_length)")
@@ -75,7 +76,9 @@ def validate_compile_runtime(
 ) -> None:
     """VeOmni's check, with CPU admitted under the contracts of the module doc."""
     if device_type != "cpu" or not compile_config.enable:
-        return _veomni_validate_compile_runtime(
+        from ..patchset import original
+
+        return original(RUNTIME_CHECK_PATCH)(
             compile_config,
             device_type=device_type,
             fsdp_enabled=fsdp_enabled,
