@@ -1,6 +1,7 @@
-"""torchrun worker: one training step of the real-width thinker (`bench.configs.realwidth_thinker_config`)
-through VeOmni's own parallelizer on 2 gloo ranks, compared tensor by tensor with the unpatched
-reference's gradients on disk (the model is ~1.4B parameters: no rank holds all gradients at once).
+"""torchrun worker: one training step of the real-width thinker (`bench.configs.realwidth_thinker_config`,
+its vocabulary cut to the checkpoint's) through VeOmni's own parallelizer on 2 gloo ranks, compared
+tensor by tensor with the unpatched reference's gradients on disk (~1.5B parameters: no rank holds
+all gradients at once). `reference DIR VOCAB` (one process, no torchrun) writes that reference.
 
 Layout "fsdp2_ep2": data parallel over both ranks (FSDP2 over the non-expert weights, the 128 experts
 split 64 + 64 over EP 2); rank r packs the samples of `REALWIDTH_DP_PACKS[r]` into one sequence.
@@ -8,7 +9,7 @@ Layout "sp2_ep2": Ulysses SP 2 × EP 2; the whole global batch packed into one s
 holding its slice. The loss is normalised as VeOmni's trainer does. Rank 0 writes the loss, the
 `difference_table` of every gradient against the reference and what each rank held.
 
-argv: checkpoint_dir reference_dir out.json layout
+argv: checkpoint_dir reference_dir out.json layout  |  reference dir vocab_size
 """
 
 import json
