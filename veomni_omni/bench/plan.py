@@ -13,10 +13,13 @@ Per-rank bytes: the resident state plus the largest of three phases of the step 
   resident    = P/gpus · (param + master + 2·optimizer bytes)                   [AdamW: exp_avg, exp_avg_sq]
   phases      = loss:   unsharded root (embeddings, lm_head, mergers, conv front end…) in compute dtype
                         + activations + the loss backward's full logits
-                layers: unsharded root + lm_head gradient + (1 + prefetch) unsharded units (text layer
-                        with its num_experts/ep local experts, ViT block, audio layer) in compute dtype
-                        + one unit's unsharded gradient in the reduce dtype (fp32) before its reduce-scatter
-                        + activations (+ a recomputed layer) + the units' sharded gradients
+                layers: a unit's backward, the largest of three positions (`_backward_units`: the second
+                        text layer, the first, an encoder unit): unsharded root + lm_head gradient + the
+                        unit (a text layer holds its num_experts/ep local experts) and the one FSDP2
+                        prefetches after it (the next text layer, or an encoder unit after the first) in
+                        compute dtype + the unit's unsharded gradient in the reduce dtype (fp32) before its
+                        reduce-scatter + the sharded gradients of the units whose backward is done
+                        + activations (+ a recomputed layer)
                 end:    the root's unsharded gradients + their reduce-dtype copy for the reduce-scatter
                         + every sharded gradient (P/gpus · grad bytes); the root is resharded first
                 (gradients are freed between steps, as VeOmni's trainer does). Which one peaks depends on
@@ -284,22 +287,48 @@ class ActivationModel:
         }
 
 
-def _phases(root_params, root_grads, head_grads, unit_grads, all_grads, root_reduce_input, layer, acts, recompute, logits) -> dict:
+def _phases(root_params, root_grads, head_grads, all_grads, root_reduce_input, backward_units, acts, recompute, logits) -> dict:
     """What a training step holds on top of the parameter shards and optimizer states, in its three
     candidate peaks (FSDP2: the root is gathered for the whole forward and backward, resharded before
     its gradients are reduce-scattered at the end of the backward; gradients are freed between steps):
       loss:   the gathered root, the activations and the loss backward's logits (before any gradient)
-      layers: a layer's backward: the gathered root and the lm_head gradient, one gathered unit (+ the
-              prefetched one) with its gradient being reduced, the activations (+ a recomputed layer),
-              and, at most, every unit's sharded gradient
+      layers: a unit's backward (`backward_units`, the largest of them): the gathered root and the
+              lm_head gradient, the unit gathered with the one prefetched after it, its gradient being
+              reduced, the sharded gradients of the units whose backward is done, the activations
+              (+ a recomputed layer)
       end:    the root's reduce-scatter: its unsharded gradients, their reduce-dtype copy, every sharded gradient
     """
     layer_acts = {**acts, **({"act_recompute": recompute} if recompute is not None else {})}
+    grads, layer = max(backward_units.values(), key=sum)
     return {
         "loss": {"root_unsharded": root_params, **acts, "act_logits": logits},
-        "layers": {"grads": unit_grads, "root_unsharded": root_params + head_grads, "layer_unsharded": layer, **layer_acts},
+        "layers": {"grads": grads, "root_unsharded": root_params + head_grads, "layer_unsharded": layer, **layer_acts},
         "end": {"grads": all_grads, "root_unsharded": root_grads + root_reduce_input},
     }
+
+
+def _backward_units(model, units: dict, trained_units: dict, args, b_compute: int, b_reduce: int, b_grad: int) -> dict:
+    """(sharded gradients already made, gathered unit + prefetched unit + the unit's unsharded gradient)
+    at the backward positions that can peak. The backward runs the text layers last to first, then the
+    encoder units; FSDP2 prefetches the unit that comes next in that order:
+      text_layer_1: the second text layer (the last one whose successor is a text layer): all text layers
+                    after it have sharded gradients
+      text_layer_0: the first text layer, prefetching an encoder unit, every other text layer's shard made
+      encoder:      an encoder unit, every text layer's shard and the encoders' made
+    (Each rank stores 1/gpus of every parameter, so a text layer's shard is its trainable size / gpus.)"""
+    layers = model.model.language_model.layers
+    text_shard = _numel(layers[0], trainable_only=True) / args.gpus * b_grad
+    encoder_shards = sum(_numel(unit, trainable_only=True) for unit in (*model.model.visual.blocks, *model.model.audio_tower.layers))
+    text, encoder = units["text_layer"] * b_compute, max(units["vit_block"], units["audio_layer"]) * b_compute
+    text_grad = trained_units["text_layer"] * b_reduce
+    encoder_grad = max(trained_units["vit_block"], trained_units["audio_layer"]) * b_reduce
+    positions = {
+        "text_layer_0": ((len(layers) - 1) * text_shard, text + args.prefetch * encoder + text_grad),
+        "encoder": (len(layers) * text_shard + encoder_shards / args.gpus * b_grad, (1 + args.prefetch) * encoder + encoder_grad),
+    }
+    if len(layers) > 1:
+        positions["text_layer_1"] = ((len(layers) - 2) * text_shard, (1 + args.prefetch) * text + text_grad)
+    return positions
 
 
 def build_planned_model(args, config=None):
@@ -350,14 +379,10 @@ def plan(args, model=None) -> dict:
 
     units = fsdp_units(model, args.ep)
     trained_units = fsdp_units(model, args.ep, trainable_only=True)
-    layer_bytes = {
-        unit: units[unit] * (1 + args.prefetch) * b_compute + trained_units[unit] * b_reduce
-        for unit in ("text_layer", "vit_block", "audio_layer")
-    }
     root_params = units["root"] * b_compute
     root_grads = trained_units["root"] * b_compute
     head_grads = _numel(model.lm_head, trainable_only=True) * b_compute  # the first root gradient the backward makes
-    unit_grads = (trainable - trained_units["root"]) / args.gpus * b_grad  # sharded gradients of the wrapped units
+    backward_units = _backward_units(model, units, trained_units, args, b_compute, b_reduce, b_grad)
 
     tokens = args.seq_len * args.micro_batch / args.sp
     visual, audio = tokens * args.visual_frac, tokens * args.audio_frac
@@ -368,8 +393,8 @@ def plan(args, model=None) -> dict:
         elements = {f"act_{k}": v * b_compute for k, v in acts.elements(tokens, visual, audio, ckpt).items()}
         recompute = elements.pop("act_recompute", None)
         act_bytes[mode] = {**elements, **({"act_recompute": recompute} if recompute is not None else {}), "act_logits": logits}
-        phase_bytes[mode] = _phases(root_params, root_grads, head_grads, unit_grads, static["grads"],
-                                    trained_units["root"] * b_reduce, max(layer_bytes.values()), elements, recompute, logits)
+        phase_bytes[mode] = _phases(root_params, root_grads, head_grads, static["grads"], trained_units["root"] * b_reduce,
+                                    backward_units, elements, recompute, logits)
     mode = "with_ckpt" if args.grad_ckpt else "without_ckpt"
 
     resident = {k: v for k, v in static.items() if k != "grads"}  # held through the whole step (gradients are not: see _phases)

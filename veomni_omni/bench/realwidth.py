@@ -170,10 +170,11 @@ def planned_two_ranks(spec: dict, rows: list[dict]) -> float:
 
 
 def layout_tokens(spec: dict) -> list[dict]:
-    """Each rank's token counts for a spec, from its batch (no model is built)."""
+    """Each rank's token counts for a spec, from its batch (no model is built), as the plan models
+    them (`plan_cpu.with_sp_encoder_shares`)."""
     from veomni_omni.testing import TOKENS
 
-    from .plan_cpu import RANKS, rank_batch, thinker_config
+    from .plan_cpu import RANKS, rank_batch, thinker_config, with_sp_encoder_shares
 
     config = thinker_config(spec["config"])
     rows = []
@@ -183,7 +184,7 @@ def layout_tokens(spec: dict) -> list[dict]:
             "tokens": ids.numel(), "visual_tokens": int(((ids == TOKENS["image"]) | (ids == TOKENS["video"])).sum()),
             "audio_tokens": int((ids == TOKENS["audio"]).sum()),
         })
-    return rows
+    return with_sp_encoder_shares(spec, rows)
 
 
 def fits(spec: dict) -> tuple[bool, str]:
