@@ -70,10 +70,19 @@ def _library(module_name: str) -> str:
     return f"{library} {importlib.metadata.version(library)}"
 
 
+@dataclass(frozen=True, kw_only=True)
 class _Entry:
-    """What every entry kind shares. A kind defines `target` (unique across the set), `_module_name`,
-    `current()` (the value now, or _MISSING), `_set(value)` and `_restore(saved)`; its dataclass
-    fields include name, replacement, fingerprint (None: an addition), why, test and only_if."""
+    """What every entry kind shares: its name, the replacement, the fingerprint of what it replaces
+    (None: an addition), why, the test that proves it and an optional `only_if`. A kind adds where it
+    writes and defines `target` (unique across the set), `_module_name`, `_where`, `current()` (the
+    value now, or _MISSING), `_set(value)` and `_restore(saved)`."""
+
+    name: str
+    replacement: object
+    fingerprint: Optional[str]
+    why: str
+    test: str
+    only_if: Optional[Callable[[], bool]] = None
 
     @property
     def upstream(self) -> str:
@@ -132,14 +141,8 @@ class _Entry:
 class Patch(_Entry):
     """One attribute: `owner.attr = replacement` (owner a class or module)."""
 
-    name: str
     owner: type | ModuleType
     attr: str
-    replacement: object
-    fingerprint: Optional[str]
-    why: str
-    test: str
-    only_if: Optional[Callable[[], bool]] = None
 
     @property
     def target(self) -> str:
@@ -171,15 +174,9 @@ class RegistryEntry(_Entry):
     """One key of a VeOmni `Registry`: `module.registry[key] = replacement`, through the registry's
     public mapping API (an instance-local override; `del` gives back what VeOmni's `register` recorded)."""
 
-    name: str
     module: ModuleType
     registry: str
     key: str
-    replacement: Callable
-    fingerprint: Optional[str]
-    why: str
-    test: str
-    only_if: Optional[Callable[[], bool]] = None
 
     @property
     def target(self) -> str:
