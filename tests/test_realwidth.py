@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from veomni_omni.bench.configs import REALWIDTH_2RANK_VOCAB, REALWIDTH_DP_PACKS, REALWIDTH_SAMPLES, realwidth_thinker_config
+from veomni_omni.bench.configs import REALWIDTH_2RANK_VOCAB, REALWIDTH_DP_PACKS, REALWIDTH_SAMPLES, realwidth_dp_batches, realwidth_thinker_config
 from veomni_omni.testing import TOKENS, concat_batches, run_ranks, table_errors, table_max_relative_difference
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from realwidth_parity import LAYOUTS, data_parallel_batches  # noqa: E402  (the worker's own batches)
+from realwidth_parity import LAYOUTS  # noqa: E402
 
 WORKER = str(Path(__file__).parent / "dist" / "realwidth_parity.py")
 pytestmark = pytest.mark.realwidth
@@ -53,7 +53,7 @@ def test_the_model_and_batch_have_real_widths_and_a_realistic_mix():
     full = config.to_dict()
     full["text_config"].pop("vocab_size")
     assert two_rank == full, "the 2-rank model differs from the real-width one in more than its vocabulary"
-    batch = concat_batches(data_parallel_batches(config))
+    batch = concat_batches(realwidth_dp_batches(config))
     ids = batch["input_ids"]
     assert 2000 <= int(batch["attention_mask"].sum()) <= 4000
     assert int((ids == TOKENS["image"]).sum()) >= 200 and int((ids == TOKENS["video"]).sum()) > 0

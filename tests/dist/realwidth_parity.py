@@ -30,20 +30,12 @@ from veomni.distributed.torch_parallelize import build_parallelize_model
 from veomni.models import build_foundation_model
 from veomni.utils.loss_utils import count_loss_token, mean_global_loss, reduce_global_loss_token
 
-from veomni_omni.bench.configs import REALWIDTH_DP_PACKS, REALWIDTH_SAMPLES, realwidth_thinker_config
+from veomni_omni.bench.configs import realwidth_dp_batches, realwidth_thinker_config
 from veomni_omni.data.sequence_parallel import pack_rows, shard_for_sequence_parallel
 from veomni_omni.host import eager_ops_config
-from veomni_omni.testing import TOKENS, build_batch, concat_batches, iter_full_tensors, tensor_difference
+from veomni_omni.testing import TOKENS, concat_batches, iter_full_tensors, tensor_difference
 
 LAYOUTS = {"fsdp2_ep2": dict(sp=1, ep=2), "sp2_ep2": dict(sp=2, ep=2)}
-
-
-def data_parallel_batches(config) -> list[dict]:
-    """Each data-parallel rank's padded batch (seed = its rank); the reference concatenates them."""
-    return [
-        build_batch([REALWIDTH_SAMPLES[name] for name in pack], config, seed=rank, with_position_ids=True)
-        for rank, pack in enumerate(REALWIDTH_DP_PACKS)
-    ]
 
 
 def write_reference(path: Path, vocab_size: int) -> None:
@@ -55,7 +47,7 @@ def write_reference(path: Path, vocab_size: int) -> None:
         model = Qwen3OmniMoeThinkerForConditionalGeneration(config)
         config.save_pretrained(path)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
-        batch = concat_batches(data_parallel_batches(config))
+        batch = concat_batches(realwidth_dp_batches(config))
         loss = model(**batch, use_cache=False).loss
         loss.backward()
     save_file({name: p.grad for name, p in model.named_parameters() if p.grad is not None}, path / "grads.safetensors")
@@ -84,7 +76,7 @@ def main():
     )
     print(f"rank {rank}: built", flush=True)
     config = model.config
-    batches = data_parallel_batches(config)
+    batches = realwidth_dp_batches(config)
     if layout["sp"] > 1:
         batch = shard_for_sequence_parallel(pack_rows(concat_batches(batches)), config, layout["sp"], state.sp_rank)
     else:

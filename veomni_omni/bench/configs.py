@@ -180,3 +180,12 @@ REALWIDTH_SAMPLES = {
     "text": [("prompt", 50), ("text", 640)],
 }
 REALWIDTH_DP_PACKS = (("image", "video"), ("audio", "text"))
+
+
+def realwidth_dp_batches(config) -> list[dict]:
+    """Each data-parallel rank's padded batch of the real-width mix (`REALWIDTH_DP_PACKS[r]`, seed r,
+    with M-RoPE positions); concatenated, the global batch of the single-process reference."""
+    return [
+        build_batch([REALWIDTH_SAMPLES[name] for name in pack], config, seed=rank, with_position_ids=True)
+        for rank, pack in enumerate(REALWIDTH_DP_PACKS)
+    ]

@@ -71,15 +71,14 @@ def rank_batch(spec: dict, config, dp_rank: int, sp_rank: int) -> dict:
     from veomni_omni.data.sequence_parallel import pack_rows, shard_for_sequence_parallel
     from veomni_omni.testing import build_batch, concat_batches
 
-    from veomni_omni.bench.configs import REALWIDTH_DP_PACKS, REALWIDTH_SAMPLES
+    from veomni_omni.bench.configs import realwidth_dp_batches
 
-    if spec["batch"] == "row":
-        rows = [[ROW]] * RANKS  # one row per data-parallel rank, or both packed into one SP sequence
+    if spec["batch"] == "row":  # one row per data-parallel rank, or both packed into one SP sequence
+        batches = [build_batch([ROW], config, seed=seed, with_position_ids=True) for seed in range(RANKS)]
     elif spec["batch"] == "realwidth_packs":
-        rows = [[REALWIDTH_SAMPLES[name] for name in pack] for pack in REALWIDTH_DP_PACKS]
+        batches = realwidth_dp_batches(config)
     else:
         raise ValueError(f"unknown batch {spec['batch']!r}")
-    batches = [build_batch(r, config, seed=seed, with_position_ids=True) for seed, r in enumerate(rows)]
     if spec["sp"] > 1:
         return shard_for_sequence_parallel(pack_rows(concat_batches(batches)), config, spec["sp"], sp_rank)
     if spec["batch"] == "row":

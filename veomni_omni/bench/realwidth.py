@@ -69,14 +69,11 @@ def available_bytes() -> int:
 
 def speed_batch(config) -> dict:
     """The four samples as padded rows (the real-width parity test's reference batch)."""
-    from veomni_omni.testing import build_batch, concat_batches
+    from veomni_omni.testing import concat_batches
 
-    from .configs import REALWIDTH_DP_PACKS, REALWIDTH_SAMPLES
+    from .configs import realwidth_dp_batches
 
-    return concat_batches([
-        build_batch([REALWIDTH_SAMPLES[name] for name in pack], config, seed=rank, with_position_ids=True)
-        for rank, pack in enumerate(REALWIDTH_DP_PACKS)
-    ])
+    return concat_batches(realwidth_dp_batches(config))
 
 
 def top_ops(step, rows: int = TOP_OPS) -> list[list]:
