@@ -174,7 +174,7 @@ def test_gpu_measurement_path_runs_on_cpu(patched, one_thread):
     (incl. a video without audio): both models step and agree on the loss."""
     from veomni_omni.bench.configs import cpu_thinker_config
     from veomni_omni.bench.gpu import measure
-    from veomni_omni.host import eager_ops_config
+    from veomni_omni.integration.settings import eager_ops_config
 
     torch.set_num_threads(1)
     rows = [[("prompt", 4), ("image", 1, 4, 4), ("text", 8), ("video", 2, 4, 4), ("audio", 200), ("text", 8)]]

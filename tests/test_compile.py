@@ -34,7 +34,7 @@ from veomni.distributed import torch_parallelize as veomni_parallelize
 
 import veomni_omni
 from veomni_omni import PATCHES
-from veomni_omni.host import eager_ops_config
+from veomni_omni.integration.settings import eager_ops_config
 from veomni_omni.models import moe, packed_attention
 from veomni_omni.patching import Patch
 from veomni_omni.testing import build_batch, loss_and_grads, parity_errors, run_ranks, tiny_thinker_config

@@ -16,8 +16,8 @@ from veomni.arguments.arguments_types import FSDPConfig, OptimizerConfig
 from veomni.trainer.vlm_trainer import VeOmniVLMArguments, VLMTrainingArguments
 
 import veomni_omni
-from veomni_omni.config_keys import UnknownConfigKeyError, instantiate_checked
-from veomni_omni.host import eager_ops_config
+from veomni_omni.integration.config_keys import UnknownConfigKeyError, instantiate_checked
+from veomni_omni.integration.settings import eager_ops_config
 
 # VeOmni's configs/multimodal/qwen3_omni/qwen3_omni.yaml (the documented Qwen3-Omni recipe), verbatim.
 QWEN3_OMNI_YAML = """\

@@ -26,7 +26,7 @@ from veomni.ops.kernel_registry import KERNEL_REGISTRY, HardwareRequirement, Ker
 from veomni.ops.kernels import cross_entropy
 
 import veomni_omni
-from veomni_omni.host import eager_ops_config
+from veomni_omni.integration.settings import eager_ops_config
 from veomni_omni.models import kernels
 from veomni_omni.testing import build_batch, loss_and_grads, parity_errors, rope_position_ids, tiny_thinker_config
 

@@ -9,7 +9,7 @@ from transformers.models.qwen3_omni_moe import processing_qwen3_omni_moe as hf_p
 from veomni.models.loader import MODEL_CONFIG_REGISTRY, MODEL_PROCESSOR_REGISTRY, MODELING_REGISTRY
 
 import veomni_omni
-from veomni_omni.host import eager_ops_config
+from veomni_omni.integration.settings import eager_ops_config
 from veomni_omni.testing import build_batch, tiny_omni_config, tiny_thinker_config
 
 ARCHITECTURES = {

@@ -53,7 +53,7 @@ def test_every_shipped_recipe_has_only_known_keys(path):
     cannot be instantiated on this machine: VeOmni validates them against the installed packages)."""
     import yaml
 
-    from veomni_omni.config_keys import unknown_keys
+    from veomni_omni.integration.config_keys import unknown_keys
     from veomni_omni.train import OmniArguments
 
     recipe = yaml.safe_load(path.read_text())

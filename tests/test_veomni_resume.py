@@ -35,7 +35,7 @@ import veomni_omni
 from veomni_omni.data import synthetic
 from veomni_omni.data.media import save_wav
 from veomni_omni.data.processor import build_tiny_processor
-from veomni_omni.host import eager_ops_config
+from veomni_omni.integration.settings import eager_ops_config
 from veomni_omni.testing import run_ranks, tiny_omni_config
 
 WORKER = str(Path(__file__).parent / "dist" / "veomni_resume.py")

@@ -42,7 +42,7 @@ from veomni_omni.data.media import save_wav
 from veomni_omni.data.processor import build_tiny_processor
 from veomni.lora import VeOmniLoraConfig, VeOmniLoraModel
 from veomni_omni.checkpoint.lora import is_adapter_param
-from veomni_omni.host import eager_ops_config
+from veomni_omni.integration.settings import eager_ops_config
 from veomni_omni.testing import (
     PARITY_RTOL,
     concat_batches,

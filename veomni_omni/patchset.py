@@ -17,13 +17,13 @@ from veomni.trainer import vlm_trainer as veomni_vlm_trainer
 from veomni.utils import device as veomni_device
 from veomni.utils import helper as veomni_helper
 
-from . import config_keys, host_cpu, registry
 from .checkpoint import veomni_io, veomni_resume
-from .models import audio_tower, init, kernels, moe, packed_attention, sequence_parallel, thinker, veomni_compile, veomni_hooks
-from .parallel import lora as parallel_lora
 from .data import video_processor
 from .data.veomni_transform import transform_sample
-from .parallel import plan
+from .integration import compile_checks, config_keys, cpu_distributed, registry, trainer_hooks
+from .models import audio_tower, init, kernels, moe, packed_attention, thinker
+from .parallel import lora as parallel_lora
+from .parallel import plan, sequence_parallel
 from .patching import Patch, RegistryEntry
 
 # ------------------------------------------------------------ the model's classes and VeOmni's trainer
@@ -95,7 +95,7 @@ MODEL_AND_TRAINER = (
         name="omni_position_id_func",
         owner=hf.Qwen3OmniMoeForConditionalGeneration,
         attr="get_position_id_func",
-        replacement=veomni_hooks.get_position_id_func,
+        replacement=trainer_hooks.get_position_id_func,
         fingerprint=None,
         why="VeOmni's VLMTrainer hands the model's M-RoPE position function to the data transform",
         test="tests/test_veomni_trainer.py",
@@ -104,7 +104,7 @@ MODEL_AND_TRAINER = (
         name="thinker_position_id_func",
         owner=hf.Qwen3OmniMoeThinkerForConditionalGeneration,
         attr="get_position_id_func",
-        replacement=veomni_hooks.get_position_id_func,
+        replacement=trainer_hooks.get_position_id_func,
         fingerprint=None,
         why="the same for a thinker-only checkpoint",
         test="tests/test_veomni_trainer.py",
@@ -113,7 +113,7 @@ MODEL_AND_TRAINER = (
         name="omni_extra_collate_infos",
         owner=hf.Qwen3OmniMoeForConditionalGeneration,
         attr="get_extra_collate_infos",
-        replacement=veomni_hooks.get_extra_collate_infos,
+        replacement=trainer_hooks.get_extra_collate_infos,
         fingerprint=None,
         why="VeOmni's packing collator concatenates the flat audio features by these rules",
         test="tests/test_veomni_trainer.py",
@@ -122,7 +122,7 @@ MODEL_AND_TRAINER = (
         name="thinker_extra_collate_infos",
         owner=hf.Qwen3OmniMoeThinkerForConditionalGeneration,
         attr="get_extra_collate_infos",
-        replacement=veomni_hooks.get_extra_collate_infos,
+        replacement=trainer_hooks.get_extra_collate_infos,
         fingerprint=None,
         why="the same for a thinker-only checkpoint",
         test="tests/test_veomni_trainer.py",
@@ -131,7 +131,7 @@ MODEL_AND_TRAINER = (
         name="omni_metadata_collate_func",
         owner=hf.Qwen3OmniMoeForConditionalGeneration,
         attr="get_metadata_collate_func",
-        replacement=veomni_hooks.get_metadata_collate_func,
+        replacement=trainer_hooks.get_metadata_collate_func,
         fingerprint=None,
         why="under Ulysses SP VeOmni's SP collator calls this hook last: it turns the collated batch into our SP shard "
         "(joint image+video patch slice, audio windows, fill-back positions); VeOmni's own slicing cut the audio and pixels apart",
@@ -141,7 +141,7 @@ MODEL_AND_TRAINER = (
         name="thinker_metadata_collate_func",
         owner=hf.Qwen3OmniMoeThinkerForConditionalGeneration,
         attr="get_metadata_collate_func",
-        replacement=veomni_hooks.get_metadata_collate_func,
+        replacement=trainer_hooks.get_metadata_collate_func,
         fingerprint=None,
         why="the same for a thinker-only checkpoint",
         test="tests/test_veomni_trainer_parity.py (sp layouts)",
@@ -150,7 +150,7 @@ MODEL_AND_TRAINER = (
         name="thinker_visual",
         owner=hf.Qwen3OmniMoeThinkerForConditionalGeneration,
         attr="visual",
-        replacement=veomni_hooks.thinker_visual,
+        replacement=trainer_hooks.thinker_visual,
         fingerprint=None,
         why="VLMTrainer freezes `thinker.visual` (5.9 layout); 5.22 keeps it at `thinker.model.visual`",
         test="tests/test_veomni_trainer.py",
@@ -159,7 +159,7 @@ MODEL_AND_TRAINER = (
         name="thinker_audio_tower",
         owner=hf.Qwen3OmniMoeThinkerForConditionalGeneration,
         attr="audio_tower",
-        replacement=veomni_hooks.thinker_audio_tower,
+        replacement=trainer_hooks.thinker_audio_tower,
         fingerprint=None,
         why="VLMTrainer freezes `thinker.audio_tower` (5.9 layout); 5.22 keeps it at `thinker.model.audio_tower`",
         test="tests/test_veomni_trainer.py",
@@ -231,7 +231,7 @@ MODEL_AND_TRAINER = (
         name="omni_lora_targets",
         owner=hf.Qwen3OmniMoeForConditionalGeneration,
         attr="_convert_lora_targets_to_parameters",
-        replacement=staticmethod(veomni_hooks.lora_targets_to_parameters),
+        replacement=staticmethod(trainer_hooks.lora_targets_to_parameters),
         fingerprint=None,
         why="VeOmni's LoRA set-up maps gate/up/down_proj onto fused experts only through this hook: without it they matched nothing and the experts "
         "trained no adapters, silently; unmatched names raise",
@@ -241,7 +241,7 @@ MODEL_AND_TRAINER = (
         name="thinker_lora_targets",
         owner=hf.Qwen3OmniMoeThinkerForConditionalGeneration,
         attr="_convert_lora_targets_to_parameters",
-        replacement=staticmethod(veomni_hooks.lora_targets_to_parameters),
+        replacement=staticmethod(trainer_hooks.lora_targets_to_parameters),
         fingerprint=None,
         why="the same for the thinker trained on its own",
         test="tests/test_lora.py",
@@ -374,10 +374,10 @@ MODEL_AND_TRAINER = (
         test="tests/test_kernels.py",
     ),
     Patch(
-        name=veomni_compile.MODEL_CHECK_PATCH,
+        name=compile_checks.MODEL_CHECK_PATCH,
         owner=veomni_torch_compile,
         attr="validate_compile_model",
-        replacement=veomni_compile.validate_compile_model,
+        replacement=compile_checks.validate_compile_model,
         fingerprint="b7208688662c6f94",
         why="train.torch_compile refused every multimodal model but dense Qwen3-VL; Qwen3-Omni's thinker decoder layers compile "
         "whole (fullgraph) under the same contracts, plus output_router_logits off under fullgraph (HF's capture hooks)",
@@ -387,16 +387,16 @@ MODEL_AND_TRAINER = (
         name="trainer_compile_model_check",
         owner=veomni_vlm_trainer,
         attr="validate_compile_model",
-        replacement=veomni_compile.validate_compile_model,
+        replacement=compile_checks.validate_compile_model,
         fingerprint="b7208688662c6f94",
         why="the same check where VLMTrainer calls it (imported by name) before building anything",
         test="tests/test_compile.py",
     ),
     Patch(
-        name=veomni_compile.RUNTIME_CHECK_PATCH,
+        name=compile_checks.RUNTIME_CHECK_PATCH,
         owner=veomni_vlm_trainer,
         attr="validate_compile_runtime",
-        replacement=veomni_compile.validate_compile_runtime,
+        replacement=compile_checks.validate_compile_runtime,
         fingerprint="f2ccbec0fa8a7a63",
         why="train.torch_compile refused every device but CUDA; on CPU the decoder layers compile too (FSDP2, no EP, no CUDA graphs kept)",
         test="tests/test_compile.py",
@@ -405,7 +405,7 @@ MODEL_AND_TRAINER = (
         name="parallelize_compile_runtime_check",
         owner=veomni_parallelize,
         attr="validate_compile_runtime",
-        replacement=veomni_compile.validate_compile_runtime,
+        replacement=compile_checks.validate_compile_runtime,
         fingerprint="f2ccbec0fa8a7a63",
         why="the same check where VeOmni's FSDP2 wrapping calls it (imported by name) before compiling the blocks",
         test="tests/test_compile.py",
@@ -536,54 +536,54 @@ VIDEO_PROCESSOR = (
 )
 
 # ------------------------------------------------------------ VeOmni on CPU
-# VeOmni's distributed set-up refuses CPU (veomni_omni/host_cpu.py); on other devices the replacements defer
+# VeOmni's distributed set-up refuses CPU (veomni_omni/integration/cpu_distributed.py); on other devices the replacements defer
 # to VeOmni's own. Set where VeOmni defines them and in each module that imports them by name (the CUDA-kernel
 # modules under veomni.ops.kernels excepted: they never load on CPU).
 CPU_HOST = (
     Patch(
-        name=host_cpu.TORCH_DEVICE_PATCH,
+        name=cpu_distributed.TORCH_DEVICE_PATCH,
         owner=veomni_device,
         attr="get_torch_device",
-        replacement=host_cpu.get_torch_device,
+        replacement=cpu_distributed.get_torch_device,
         fingerprint="087ffe45d64f9fd8",
         why="on CPU VeOmni's device module is torch.cpu, which lacks the memory API its meters and trainer call",
-        test="tests/test_host_cpu.py",
+        test="tests/test_cpu_distributed.py",
     ),
     Patch(
-        name=host_cpu.COMM_BACKEND_PATCH,
+        name=cpu_distributed.COMM_BACKEND_PATCH,
         owner=veomni_device,
         attr="get_dist_comm_backend",
-        replacement=host_cpu.get_dist_comm_backend,
+        replacement=cpu_distributed.get_dist_comm_backend,
         fingerprint="f265cadbf291333b",
         why="on CPU VeOmni found no process-group backend and raised; gloo",
-        test="tests/test_host_cpu.py",
+        test="tests/test_cpu_distributed.py",
     ),
     Patch(
         name="cpu_torch_device_helper",
         owner=veomni_helper,
         attr="get_torch_device",
-        replacement=host_cpu.get_torch_device,
+        replacement=cpu_distributed.get_torch_device,
         fingerprint="087ffe45d64f9fd8",
         why="the same where VeOmni's helpers (meters, seeding, cache emptying) imported it by name",
-        test="tests/test_host_cpu.py",
+        test="tests/test_cpu_distributed.py",
     ),
     Patch(
         name="cpu_torch_device_trainer",
         owner=veomni_trainer_base,
         attr="get_torch_device",
-        replacement=host_cpu.get_torch_device,
+        replacement=cpu_distributed.get_torch_device,
         fingerprint="087ffe45d64f9fd8",
         why="the same where VeOmni's trainer imported it by name",
-        test="tests/test_host_cpu.py",
+        test="tests/test_cpu_distributed.py",
     ),
     Patch(
         name="cpu_comm_backend_trainer",
         owner=veomni_trainer_base,
         attr="get_dist_comm_backend",
-        replacement=host_cpu.get_dist_comm_backend,
+        replacement=cpu_distributed.get_dist_comm_backend,
         fingerprint="f265cadbf291333b",
         why="the same where VeOmni's trainer (process-group set-up) imported it by name",
-        test="tests/test_host_cpu.py",
+        test="tests/test_cpu_distributed.py",
     ),
 )
 

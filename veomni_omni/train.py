@@ -434,7 +434,7 @@ def plot_losses(path: Path, losses: list, evals: list, chance: float) -> None:
 def main() -> int:
     args = parse_args(OmniArguments)
     if not dist.is_initialized():
-        from veomni_omni.host_cpu import dist_backend
+        from veomni_omni.integration.cpu_distributed import dist_backend
 
         dist.init_process_group(dist_backend(), timeout=timedelta(seconds=args.omni.dist_timeout_s))
     try:

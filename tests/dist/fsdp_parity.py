@@ -19,7 +19,7 @@ from veomni.distributed.torch_parallelize import build_parallelize_model
 from veomni.models import build_foundation_model
 from veomni.utils.loss_utils import count_loss_token, mean_global_loss, reduce_global_loss_token
 
-from veomni_omni.host import eager_ops_config
+from veomni_omni.integration.settings import eager_ops_config
 from veomni_omni.testing import build_batch
 
 

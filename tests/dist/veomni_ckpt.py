@@ -61,7 +61,7 @@ from veomni_omni.checkpoint.sharding import sharded_params
 from veomni_omni.parallel.lora import PARAM_DTYPE_PATCH
 from veomni_omni.patchset import original
 from veomni_omni.testing import gather_full_tensors
-from veomni_omni.host import eager_ops_config
+from veomni_omni.integration.settings import eager_ops_config
 
 HF_SAVE_STEPS, LAST_STEP = 2, 3
 converters = []  # every converter VeOmni's loader creates on this rank, in order

@@ -26,7 +26,7 @@ from veomni.distributed.parallel_state import get_parallel_state
 from veomni.trainer.callbacks.base import Callback
 from veomni.trainer.vlm_trainer import VeOmniVLMArguments, VLMTrainer
 
-from veomni_omni.models.moe import expert_weights
+from veomni_omni.parallel.expert_parallel import expert_weights
 from veomni_omni.testing import gather_full_tensors
 
 

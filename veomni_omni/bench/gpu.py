@@ -189,7 +189,7 @@ def measure(config, rows, ops_config, device, dtype=torch.bfloat16, reps=10, war
 
     from veomni_omni.testing import build_batch
 
-    from .host import build_veomni_thinker, grad_parity, to_veomni_inputs, veomni_ops
+    from .veomni_vs_ours import build_veomni_thinker, grad_parity, to_veomni_inputs, veomni_ops
 
     veomni_omni.apply()
     device = torch.device(device)

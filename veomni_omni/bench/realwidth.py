@@ -91,9 +91,9 @@ def speed(args, config_name: str, reps: int, warmup: int) -> dict:
     from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 
     import veomni_omni
-    from veomni_omni.host import eager_ops_config
+    from veomni_omni.integration.settings import eager_ops_config
 
-    from .host import build_veomni_thinker, to_veomni_inputs, veomni_ops
+    from .veomni_vs_ours import build_veomni_thinker, to_veomni_inputs, veomni_ops
     from .plan_cpu import thinker_config
 
     veomni_omni.apply()

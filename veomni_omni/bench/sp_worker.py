@@ -80,7 +80,7 @@ class HostSyncCounter(TorchFunctionMode):
 def fill_back_memory(group, quick: bool) -> dict:
     from veomni.distributed.sequence_parallel import gather_outputs
 
-    from veomni_omni.models.sequence_parallel import fill_back_visual
+    from veomni_omni.parallel.sequence_parallel import fill_back_visual
 
     sp_size, rank = dist.get_world_size(group), dist.get_rank(group)
     seq_len, hidden = (2048, 512) if quick else (8192, 2048)

@@ -217,7 +217,7 @@ def shard_collated_batch(batch: dict, config, sp_size: int, sp_rank: int) -> Non
     VeOmni's collator has already done the text side the same way `shard_for_sequence_parallel` does:
     labels shifted, padded to a multiple of sp and sliced, position ids padded and sliced, and the
     varlen boundaries (`cu_seq_lens_*`, the pad tail one segment). By our collate infos
-    (`veomni_omni.models.veomni_hooks`) it left `input_ids` (padded), the pixels and the flat audio
+    (`veomni_omni.integration.trainer_hooks`) it left `input_ids` (padded), the pixels and the flat audio
     features whole: the masks and the media shards need the whole sequence. Placeholder counts that
     do not match the media are not raised here, in a DataLoader: they go in `sp_inputs.problems`,
     which the forward raises and veomni_omni's trainer agrees on across ranks before any forward."""
@@ -225,7 +225,7 @@ def shard_collated_batch(batch: dict, config, sp_size: int, sp_rank: int) -> Non
     padded = ids.shape[1]
     if padded % sp_size:
         raise ValueError(f"input_ids of length {padded} reached the SP shard unpadded for sp {sp_size}: VeOmni's collate info "
-                         "for input_ids must keep sp_pad_value 0 and sp_slice False (veomni_omni.models.veomni_hooks)")
+                         "for input_ids must keep sp_pad_value 0 and sp_slice False (veomni_omni.integration.trainer_hooks)")
     problems = input_problems(batch, config, "packed")
     length = padded - int(batch.get("tail_padding_length", 0))
     chunk = padded // sp_size

@@ -159,7 +159,7 @@ def dummy_vision_forward(visual, sp_size: int = 1) -> torch.Tensor:
     grid_thw = torch.tensor([[1, merge, merge]], device=device)
     segments = {}
     if sp_size > 1:  # each rank's image is one segment of the gathered patch sequence
-        from .sequence_parallel import VISION_SEGMENTS_KWARG
+        from ..parallel.sequence_parallel import VISION_SEGMENTS_KWARG
 
         bounds = list(range(0, merge * merge * sp_size + 1, merge * merge))
         segments = {"cu_seqlens": torch.tensor(bounds, dtype=torch.int32, device=device), "max_seqlen": merge * merge,

@@ -129,7 +129,7 @@ def _check_packed_call(module, query, key, bounds, kwargs: dict) -> None:
 
 def _sequence_sliced(module) -> bool:
     """Whether this attention call sees a slice of the sequence: the thinker's text attention under Ulysses SP."""
-    from .sequence_parallel import ulysses_group
+    from ..parallel.sequence_parallel import ulysses_group
 
     return isinstance(module, Qwen3OmniMoeThinkerTextAttention) and ulysses_group() is not None
 
@@ -137,7 +137,7 @@ def _sequence_sliced(module) -> bool:
 def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' "sdpa" that honours packed boundaries and Ulysses SP (see the module doc); (B, S, H, D) out."""
     if _sequence_sliced(module):
-        from .sequence_parallel import ulysses_sdpa_attention
+        from ..parallel.sequence_parallel import ulysses_sdpa_attention
 
         return ulysses_sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if not is_packed(kwargs):

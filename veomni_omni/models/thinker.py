@@ -10,7 +10,7 @@ from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf_mod
 from transformers.utils import can_return_tuple
 
 from ..data.checks import IGNORE_INDEX
-from .sequence_parallel import sequence_parallel_forward
+from ..parallel.sequence_parallel import sequence_parallel_forward
 from .encoders import dummy_audio_forward, dummy_vision_forward, encode_audio, encode_vision, encoders_must_run
 
 if TYPE_CHECKING:

@@ -98,7 +98,7 @@ class SequenceParallelCollateHook:
 
         if any(sp_pad.values()):
             raise ValueError(f"VeOmni's SP collator padded {sp_pad} pixel rows: the collate infos of "
-                             "veomni_omni.models.veomni_hooks.EXTRA_COLLATE_INFOS were overridden")
+                             "veomni_omni.integration.trainer_hooks.EXTRA_COLLATE_INFOS were overridden")
         shard_collated_batch(batch, self.config, self.sp_size, self.sp_rank)
 
 

@@ -106,6 +106,6 @@ def instantiate_checked(cls: Type[T], config_dict: Dict[str, Any]) -> T:
     """
     if dataclasses.is_dataclass(cls) and isinstance(config_dict, dict):
         check_config_keys(cls, config_dict)
-    from .patchset import original
+    from ..patchset import original
 
     return original(UNKNOWN_KEYS_PATCH)(cls, config_dict)

@@ -4,7 +4,7 @@ VeOmni's model is the class its MODELING_REGISTRY gives for
 "Qwen3OmniMoeThinkerForConditionalGeneration" while veomni_omni is undone
 (`veomni.models.transformers.qwen3_omni_moe.generated.patched_modeling_qwen3_omni_moe_gpu`),
 with its OpSlots bound by VeOmni's own `_bind_veomni_ops` exactly as `build_foundation_model`
-does, from the CPU-capable ops config (`veomni_omni.host.eager_ops_config`). It is built from the
+does, from the CPU-capable ops config (`veomni_omni.integration.settings.eager_ops_config`). It is built from the
 same config and loaded with our weights (names mapped, strict load), so both compute the same
 loss from the same batch; its inputs are converted to VeOmni's data contract (see
 `to_veomni_inputs`). Both run with VeOmni's loss installed, as in VeOmni training.
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     set_threads(args.threads)
 
-    from veomni_omni.host import eager_ops_config
+    from veomni_omni.integration.settings import eager_ops_config
 
     from .configs import cpu_workload
 

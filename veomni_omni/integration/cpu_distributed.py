@@ -16,7 +16,7 @@ modules imported later bind it) and in each VeOmni module that imports the origi
 
 Not needed here, and why: `TrainingArguments.init_device` lists only cuda/meta/npu/mlu, but FSDP2
 requires "meta" anyway (VeOmni's `build_parallelize_model` materialises and loads weights on the
-host for CPU ranks); ops implementations default to CUDA kernels, `veomni_omni.host.eager_ops_config`
+host for CPU ranks); ops implementations default to CUDA kernels, `veomni_omni.integration.settings.eager_ops_config`
 selects the eager ones. The CUDA-kernel modules under `veomni.ops.kernels` that also import
 `get_torch_device` by name are not patched: they never load on CPU, and elsewhere the replacement
 would defer to VeOmni's own.
@@ -49,7 +49,7 @@ def dist_backend() -> str:
     """The process-group backend for this machine: VeOmni's answer, or "gloo" on CPU."""
     if device_type() == "cpu":
         return "gloo"
-    from .patchset import original
+    from ..patchset import original
 
     return original(COMM_BACKEND_PATCH)()
 
@@ -96,7 +96,7 @@ def get_torch_device() -> Any:
     """VeOmni's device module, or on CPU `torch.cpu` with the memory API its meters call."""
     if device_type() == "cpu":
         return _CPU_DEVICE
-    from .patchset import original
+    from ..patchset import original
 
     return original(TORCH_DEVICE_PATCH)()
 

@@ -7,7 +7,7 @@ from veomni.utils import device as veomni_device
 from veomni.utils import helper as veomni_helper
 
 import veomni_omni
-from veomni_omni.host_cpu import dist_backend
+from veomni_omni.integration.cpu_distributed import dist_backend
 
 pytestmark = pytest.mark.skipif(veomni_device.get_device_type() != "cpu", reason="the CPU gaps exist only on CPU")
 

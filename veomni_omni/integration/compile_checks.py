@@ -12,7 +12,7 @@ torch.compile, FSDP2 hooks outside the graph). Two of its checks stop it before 
   with `output_router_logits`, transformers collects the router logits through forward hooks that read a
   ContextVar set outside the compiled layer, which Dynamo cannot trace: refused under fullgraph.
 - `validate_compile_runtime` refuses every device but CUDA ("CUDA-only for now"). On CPU
-  (veomni_omni.host_cpu) inductor and aot_eager compile the layers too; VeOmni's other runtime contracts
+  (veomni_omni.integration.cpu_distributed) inductor and aot_eager compile the layers too; VeOmni's other runtime contracts
   are kept: FSDP2, no expert parallelism (the EP all-to-all needs its split sizes on the host), no CUDA
   graphs.
 

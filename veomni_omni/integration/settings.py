@@ -1,4 +1,4 @@
-"""Where veomni_omni meets the host framework (VeOmni): settings it needs to run on any device."""
+"""VeOmni settings that veomni_omni needs to run on any device (CPU included)."""
 
 from __future__ import annotations
 

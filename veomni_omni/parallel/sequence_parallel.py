@@ -21,7 +21,7 @@ from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 from transformers.utils.generic import is_flash_attention_requested
 from veomni.distributed.sequence_parallel import gather_heads_scatter_seq, gather_seq_scatter_heads
 
-from .packed_attention import segment_attention, segment_bounds
+from ..models.packed_attention import segment_attention, segment_bounds
 
 _hf_vision_attention = hf.Qwen3OmniMoeVisionAttention.forward  # captured before the patch set is applied
 
@@ -150,7 +150,7 @@ def deepstack_rows(levels: list[torch.Tensor], vision, group) -> list[torch.Tens
 def sequence_parallel_forward(self, input_ids, position_ids, sp_inputs, pixel_values=None, output_router_logits=False, **kwargs):
     """The thinker model's forward on this rank's slice of a packed sequence (see module docstring);
     `sp_inputs`: its `veomni_omni.data.sequence_parallel.SequenceParallelShard`."""
-    from .encoders import dummy_audio_forward, dummy_vision_forward, encoders_must_run
+    from ..models.encoders import dummy_audio_forward, dummy_vision_forward, encoders_must_run
 
     if sp_inputs.problems:  # found by the collator (shard_collated_batch), which does not raise in a DataLoader
         from ..data.checks import BadInputError
