@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import veomni_omni
-from veomni_omni.testing import tiny_thinker_config
+from veomni_omni.tiny import tiny_thinker_config
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,9 @@ import veomni_omni
 from veomni_omni.data.sequence_parallel import pack_rows, shard_for_sequence_parallel
 from veomni_omni.models.audio_tower import REFERENCE_WIDTHS_KWARG
 from veomni_omni.models.encoders import encode_audio
-from veomni_omni.testing import MEL_BINS, audio_token_count, build_batch, max_relative_difference, parity_errors, tiny_thinker_config
+from veomni_omni.data.shaped_batches import audio_token_count, build_batch
+from veomni_omni.parity import max_relative_difference, parity_errors
+from veomni_omni.tiny import MEL_BINS, tiny_thinker_config
 
 # mel frames: under one chunk, exactly one, short last chunks (odd and even lengths), a 99-frame last chunk
 LENGTHS = (37, 100, 150, 250, 399)

@@ -14,7 +14,11 @@ from veomni_omni.data.checks import BadInputError, check_micro_batch, input_prob
 from veomni_omni.data.media import MediaError
 from veomni_omni.data.samples import MIN_AUDIO_SAMPLES, encode_sample
 from veomni_omni.data.sequence_parallel import pack_rows, shard_collated_batch, shard_for_sequence_parallel
-from veomni_omni.testing import TOKENS, build_batch, loss_and_grads, parity_errors, run_ranks, tiny_thinker_config
+from veomni_omni.data.shaped_batches import build_batch
+from veomni_omni.launch import run_ranks
+from veomni_omni.parity import parity_errors
+from veomni_omni.testing import loss_and_grads
+from veomni_omni.tiny import TOKENS, tiny_thinker_config
 
 WORKER = str(Path(__file__).parent / "dist" / "bad_input.py")
 ALL_MEDIA = [("prompt", 2), ("audio", 120), ("image", 1, 4, 4), ("video", 2, 4, 4), ("text", 4)]

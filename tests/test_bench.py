@@ -156,7 +156,8 @@ def test_gpu_workload_is_well_formed():
     """The GPU benchmark's batch and FLOP count, checked on CPU (no model is run)."""
     from veomni_omni.bench.configs import real_thinker_config
     from veomni_omni.bench.gpu import activated_text_params, gpu_config, gpu_mixed_rows, step_flops
-    from veomni_omni.testing import TOKENS, build_batch
+    from veomni_omni.data.shaped_batches import build_batch
+    from veomni_omni.tiny import TOKENS
 
     # docs/design.md §3: ≈ 3.0B activated parameters per token in the full thinker.
     assert abs(activated_text_params(real_thinker_config())["total"] / 1e9 - 3.0) < 0.1

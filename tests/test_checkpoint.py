@@ -34,7 +34,10 @@ import veomni_omni
 from veomni_omni.checkpoint import CheckpointError, checkpoint_nbytes, load_hf_checkpoint, save_hf_checkpoint
 from veomni_omni.checkpoint.safetensors_io import INDEX_NAME, read_checkpoint, read_header
 from veomni_omni.data.processor import build_tiny_processor
-from veomni_omni.testing import build_batch, parity_errors, run_ranks, tiny_omni_config, tiny_thinker_config
+from veomni_omni.data.shaped_batches import build_batch
+from veomni_omni.launch import run_ranks
+from veomni_omni.parity import parity_errors
+from veomni_omni.tiny import tiny_omni_config, tiny_thinker_config
 
 WORKER = str(Path(__file__).parent / "dist" / "ckpt_flow.py")
 WORLD, EP, STEPS = 4, 2, 4

@@ -27,7 +27,8 @@ from veomni_omni.checkpoint import CheckpointError, checkpoint_nbytes
 from veomni_omni.checkpoint import veomni_io
 from veomni_omni.checkpoint.safetensors_io import INDEX_NAME, read_checkpoint
 from veomni_omni.checkpoint.lora import is_adapter_param
-from veomni_omni.testing import run_ranks, tiny_omni_config, tiny_thinker_config
+from veomni_omni.launch import run_ranks
+from veomni_omni.tiny import tiny_omni_config, tiny_thinker_config
 
 WORKER = str(Path(__file__).parent / "dist" / "veomni_ckpt.py")
 WORLD = 2

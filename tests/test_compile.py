@@ -37,7 +37,11 @@ from veomni_omni import PATCHES
 from veomni_omni.integration.settings import eager_ops_config
 from veomni_omni.models import moe, packed_attention
 from veomni_omni.patching import Patch
-from veomni_omni.testing import build_batch, loss_and_grads, parity_errors, run_ranks, tiny_thinker_config
+from veomni_omni.data.shaped_batches import build_batch
+from veomni_omni.launch import run_ranks
+from veomni_omni.parity import parity_errors
+from veomni_omni.testing import loss_and_grads
+from veomni_omni.tiny import tiny_thinker_config
 from veomni_omni.train import TinyModel, write_tiny_model
 
 OURS = str(Path(veomni_omni.__file__).parent)

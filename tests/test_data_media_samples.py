@@ -12,7 +12,7 @@ from PIL import Image
 
 from veomni_omni.data.media import MediaError
 from veomni_omni.data.samples import encode_or_skip, encode_sample
-from veomni_omni.testing import TOKENS
+from veomni_omni.tiny import TOKENS
 
 
 def _tone(seconds, rate=48000):

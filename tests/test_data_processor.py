@@ -7,7 +7,7 @@ import torch
 
 from veomni_omni.data import processor as tiny
 from veomni_omni.data.video_processor import Qwen2VLVideoProcessorPil, sample_frame_indices
-from veomni_omni.testing import FIRST_SPECIAL, TINY_VOCAB, TOKENS
+from veomni_omni.tiny import FIRST_SPECIAL, TINY_VOCAB, TOKENS
 
 VISION = dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 

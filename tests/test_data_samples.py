@@ -10,7 +10,9 @@ import torch
 from veomni_omni.data import synthetic
 from veomni_omni.data.media import MediaError, save_video
 from veomni_omni.data.samples import SampleTooLong, encode_or_skip, encode_sample, media_blocks
-from veomni_omni.testing import TOKENS, audio_token_count, build_batch, rope_position_ids, tiny_thinker_config
+from veomni_omni.data.samples import batch_rope_positions
+from veomni_omni.data.shaped_batches import audio_token_count, build_batch
+from veomni_omni.tiny import TOKENS, tiny_thinker_config
 
 IDS = TOKENS  # media_blocks wants the start/end/placeholder ids under these names
 MEDIA_TOKENS = ("vision_start", "vision_end", "audio_start", "audio_end", "image", "video", "audio")
@@ -154,7 +156,7 @@ def test_position_ids_equal_hf_rope_index(processor, config, use_audio_in_video)
     batch = {k: v for k, v in out.items() if k not in ("labels", "position_ids") and not k.endswith("_mask")}
     batch.update(input_ids=out["input_ids"][None], attention_mask=out["attention_mask"][None])
     batch["feature_attention_mask"] = out["feature_attention_mask"]
-    torch.testing.assert_close(rope_position_ids(batch, config)[:, 0], positions, rtol=0, atol=0)
+    torch.testing.assert_close(batch_rope_positions(config, batch)[:, 0], positions, rtol=0, atol=0)
 
     # 2. an independently built sequence of the same structure (testing.build_batch interleaves
     #    audio-in-video itself) has the same media token layout and the same positions

@@ -9,7 +9,7 @@ from veomni_omni.data import synthetic
 from veomni_omni.data.media import load_audio, load_image, load_video
 from veomni_omni.data.processor import build_tiny_processor
 from veomni_omni.data.samples import encode_sample
-from veomni_omni.testing import tiny_thinker_config
+from veomni_omni.tiny import tiny_thinker_config
 
 
 def _arrays(sample):

@@ -25,15 +25,10 @@ from transformers import Qwen3OmniMoeForConditionalGeneration, Qwen3OmniMoeThink
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 
 import veomni_omni
-from veomni_omni.testing import (
-    build_batch,
-    concat_batches,
-    max_relative_difference,
-    parity_errors,
-    run_ranks,
-    tiny_omni_config,
-    tiny_thinker_config,
-)
+from veomni_omni.data.shaped_batches import build_batch, concat_batches
+from veomni_omni.launch import run_ranks
+from veomni_omni.parity import max_relative_difference, parity_errors
+from veomni_omni.tiny import tiny_omni_config, tiny_thinker_config
 
 WORKER = str(Path(__file__).parent / "dist" / "ep_parity.py")
 NUM_EXPERTS, TOP_K = 8, 2

@@ -16,15 +16,11 @@ from safetensors.torch import save_file
 from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 
 import veomni_omni
-from veomni_omni.testing import (
-    build_batch,
-    concat_batches,
-    loss_and_grads,
-    max_relative_difference,
-    parity_errors,
-    run_ranks,
-    tiny_thinker_config,
-)
+from veomni_omni.data.shaped_batches import build_batch, concat_batches
+from veomni_omni.launch import run_ranks
+from veomni_omni.parity import max_relative_difference, parity_errors
+from veomni_omni.testing import loss_and_grads
+from veomni_omni.tiny import tiny_thinker_config
 
 WORKER = str(Path(__file__).parent / "dist" / "fsdp_parity.py")
 

@@ -28,7 +28,11 @@ from veomni.ops.kernels import cross_entropy
 import veomni_omni
 from veomni_omni.integration.settings import eager_ops_config
 from veomni_omni.models import kernels
-from veomni_omni.testing import build_batch, loss_and_grads, parity_errors, rope_position_ids, tiny_thinker_config
+from veomni_omni.data.samples import batch_rope_positions
+from veomni_omni.data.shaped_batches import build_batch
+from veomni_omni.parity import parity_errors
+from veomni_omni.testing import loss_and_grads
+from veomni_omni.tiny import tiny_thinker_config
 
 requires_gpu_kernels = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
@@ -109,7 +113,7 @@ def forward_backward(case: Case) -> dict:
 
 def tiny_cases(device="cpu", dtype=torch.float32) -> dict:
     config = tiny_thinker_config()
-    positions = rope_position_ids(build_batch(ROWS, config), config)
+    positions = batch_rope_positions(config, build_batch(ROWS, config))
     cases = text_cases(config.text_config, positions, device, dtype)
     cases["vision_rope"] = vision_rope_case(config.vision_config, 40, device, dtype)
     return cases
@@ -298,7 +302,7 @@ def test_gpu_kernel_matches_eager_in_bf16(patched, ops_config, monkeypatch, name
     setting, op = GPU_SETTINGS[name]
     counts = counting_resolve(monkeypatch)
     tiny = tiny_thinker_config()
-    positions = rope_position_ids(build_batch(ROWS, tiny), tiny)
+    positions = batch_rope_positions(tiny, build_batch(ROWS, tiny))
     assert not torch.equal(positions[0], positions[1]), "M-RoPE axes must differ for the test to mean anything"
     real = real_thinker_config(text_layers=1).text_config
     assert real.rope_parameters["mrope_section"] == [24, 20, 20] and real.head_dim == 128

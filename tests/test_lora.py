@@ -10,7 +10,7 @@ from veomni.lora import VeOmniLoraConfig, VeOmniLoraModel, resolve_fused_moe_lor
 from veomni.lora.moe_layers import LoraIndependentExperts
 
 import veomni_omni  # noqa: F401
-from veomni_omni.testing import tiny_omni_config
+from veomni_omni.tiny import tiny_omni_config
 
 TARGETS = ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

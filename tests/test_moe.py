@@ -20,7 +20,9 @@ from veomni.ops.config import singleton as ops_singleton
 
 import veomni_omni
 from veomni_omni.models import moe
-from veomni_omni.testing import build_batch, run_ranks, tiny_omni_config, tiny_thinker_config
+from veomni_omni.data.shaped_batches import build_batch
+from veomni_omni.launch import run_ranks
+from veomni_omni.tiny import tiny_omni_config, tiny_thinker_config
 
 KERNEL_WORKER = str(Path(__file__).parent / "dist" / "ep_kernels.py")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -28,7 +28,9 @@ from veomni_omni.data.processor import build_tiny_processor
 from veomni_omni.data.veomni_transform import transform_sample
 from veomni_omni.models.packed_attention import varlen_sdpa_attention
 from veomni_omni.data.sequence_parallel import pack_rows
-from veomni_omni.testing import PARITY_RTOL, build_batch, max_relative_difference, parity_errors, tiny_thinker_config
+from veomni_omni.data.shaped_batches import build_batch
+from veomni_omni.parity import PARITY_RTOL, max_relative_difference, parity_errors
+from veomni_omni.tiny import tiny_thinker_config
 
 # (task, synthetic sample index). audio_pitch 1 is a 0.5 s tone (50 mel frames, under one 100-frame chunk)
 # packed after a 1 s one: HF's audio tower pads every chunk of a call to the longest and its stride-2

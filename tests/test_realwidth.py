@@ -20,7 +20,10 @@ from pathlib import Path
 import pytest
 
 from veomni_omni.bench.configs import REALWIDTH_2RANK_VOCAB, REALWIDTH_DP_PACKS, REALWIDTH_SAMPLES, realwidth_dp_batches, realwidth_thinker_config
-from veomni_omni.testing import TOKENS, concat_batches, run_ranks, table_errors, table_max_relative_difference
+from veomni_omni.data.shaped_batches import concat_batches
+from veomni_omni.launch import run_ranks
+from veomni_omni.parity import table_errors, table_max_relative_difference
+from veomni_omni.tiny import TOKENS
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from realwidth_parity import LAYOUTS  # noqa: E402

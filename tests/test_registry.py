@@ -10,7 +10,8 @@ from veomni.models.loader import MODEL_CONFIG_REGISTRY, MODEL_PROCESSOR_REGISTRY
 
 import veomni_omni
 from veomni_omni.integration.settings import eager_ops_config
-from veomni_omni.testing import build_batch, tiny_omni_config, tiny_thinker_config
+from veomni_omni.data.shaped_batches import build_batch
+from veomni_omni.tiny import tiny_omni_config, tiny_thinker_config
 
 ARCHITECTURES = {
     "Qwen3OmniMoeForConditionalGeneration": hf.Qwen3OmniMoeForConditionalGeneration,
@@ -97,7 +98,8 @@ def test_forward_under_veomni_loss_matches_hf(tiny_thinker, patched, keep_loss_m
     from transformers.loss.loss_utils import LOSS_MAPPING
     from veomni.ops import apply_ops_config
 
-    from veomni_omni.testing import loss_and_grads, parity_errors
+    from veomni_omni.parity import parity_errors
+    from veomni_omni.testing import loss_and_grads
 
     model, ref_model = tiny_thinker
     batch = build_batch([[("prompt", 2), ("image", 1, 4, 4), ("audio", 90), ("text", 5)], [("text", 9)]])

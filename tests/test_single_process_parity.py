@@ -5,14 +5,10 @@ import torch
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 
 import veomni_omni
-from veomni_omni.testing import (
-    TOKENS,
-    build_batch,
-    loss_and_grads,
-    max_relative_difference,
-    parity_errors,
-    tiny_thinker_config,
-)
+from veomni_omni.data.shaped_batches import build_batch
+from veomni_omni.parity import max_relative_difference, parity_errors
+from veomni_omni.testing import loss_and_grads
+from veomni_omni.tiny import TOKENS, tiny_thinker_config
 
 CASES = {
     "text_only": [[("prompt", 5), ("text", 9)]],

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from veomni_omni.testing import run_ranks
+from veomni_omni.launch import run_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -98,7 +98,7 @@ def test_gpu_recipes_fit_the_released_model_on_their_ranks(name, world, monkeypa
     (["--train.accelerator.ulysses_size", "8", "--train.accelerator.ep_size", "1"], 8, "does not divide the text attention heads (4), vision heads (4)"),
 ])
 def test_impossible_layouts_fail_before_anything_is_built(overrides, world, message, monkeypatch):
-    from veomni_omni.testing import tiny_thinker_config
+    from veomni_omni.tiny import tiny_thinker_config
     from veomni_omni.train import check_layout
 
     monkeypatch.setenv("WORLD_SIZE", str(world))  # as torchrun sets it; VeOmni's parser reads it

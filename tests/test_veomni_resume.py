@@ -36,7 +36,8 @@ from veomni_omni.data import synthetic
 from veomni_omni.data.media import save_wav
 from veomni_omni.data.processor import build_tiny_processor
 from veomni_omni.integration.settings import eager_ops_config
-from veomni_omni.testing import run_ranks, tiny_omni_config
+from veomni_omni.launch import run_ranks
+from veomni_omni.tiny import tiny_omni_config
 
 WORKER = str(Path(__file__).parent / "dist" / "veomni_resume.py")
 WORLD, STEPS, SAVE_STEPS, DIE_AT = 2, 4, 2, 3

@@ -29,7 +29,7 @@ import veomni_omni
 from veomni_omni.data import synthetic
 from veomni_omni.data.media import save_video, save_wav
 from veomni_omni.data.veomni_transform import QWEN_OMNI_SYSTEM_PROMPT, SkipCounter, transform_sample
-from veomni_omni.testing import run_ranks
+from veomni_omni.launch import run_ranks
 from veomni_omni.train import TinyModel, write_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent

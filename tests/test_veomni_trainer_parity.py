@@ -43,16 +43,11 @@ from veomni_omni.data.processor import build_tiny_processor
 from veomni.lora import VeOmniLoraConfig, VeOmniLoraModel
 from veomni_omni.checkpoint.lora import is_adapter_param
 from veomni_omni.integration.settings import eager_ops_config
-from veomni_omni.testing import (
-    PARITY_RTOL,
-    concat_batches,
-    loss_and_grads,
-    max_relative_difference,
-    parity_errors,
-    run_ranks,
-    tiny_omni_config,
-    unpack_veomni_micro_batch,
-)
+from veomni_omni.data.shaped_batches import concat_batches
+from veomni_omni.launch import run_ranks
+from veomni_omni.parity import PARITY_RTOL, max_relative_difference, parity_errors
+from veomni_omni.testing import loss_and_grads, unpack_veomni_micro_batch
+from veomni_omni.tiny import tiny_omni_config
 
 WORKER = str(Path(__file__).parent / "dist" / "veomni_trainer_parity.py")
 SEED = 7  # train.seed: VeOmni's sampler shuffles with it

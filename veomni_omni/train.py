@@ -66,7 +66,7 @@ class SyntheticData:
 
 @dataclass
 class TinyModel:
-    """`veomni_omni.testing.tiny_thinker_config` with overrides."""
+    """`veomni_omni.tiny.tiny_thinker_config` with overrides."""
 
     initializer_range: Optional[float] = None
     text: Dict = field(default_factory=dict)
@@ -143,7 +143,7 @@ def write_tiny_model(tiny: TinyModel, path: Path, seed: int) -> None:
 
     from .data.processor import build_tiny_processor
     from .data.synthetic import corpus
-    from .testing import tiny_omni_config, tiny_thinker_config
+    from .tiny import tiny_omni_config, tiny_thinker_config
 
     thinker = tiny_thinker_config(**tiny.text).to_dict()
     hidden = thinker["text_config"]["hidden_size"]

@@ -25,7 +25,8 @@ from veomni.models import build_foundation_model
 from veomni_omni.data.checks import BadInputError, check_micro_batch, padding_batch
 from veomni_omni.data.sequence_parallel import pack_rows, shard_for_sequence_parallel
 from veomni_omni.integration.settings import eager_ops_config
-from veomni_omni.testing import TOKENS, build_batch
+from veomni_omni.data.shaped_batches import build_batch
+from veomni_omni.tiny import TOKENS
 
 from ep_parity import full_gradients  # same directory
 from fsdp_parity import build, step

@@ -47,7 +47,7 @@ from veomni_omni.checkpoint import (
 from veomni_omni.checkpoint import safetensors_io
 from veomni_omni.checkpoint.sharding import distinct_boxes, gather_to, sharded_params
 from veomni_omni.integration.settings import eager_ops_config
-from veomni_omni.testing import build_batch
+from veomni_omni.data.shaped_batches import build_batch
 
 SEED = 1234
 ROWS = {

@@ -17,7 +17,7 @@ from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 from veomni.distributed.parallel_state import init_parallel_state
 
 from veomni_omni.models import moe
-from veomni_omni.testing import tiny_thinker_config
+from veomni_omni.tiny import tiny_thinker_config
 
 
 def relative(a, b):

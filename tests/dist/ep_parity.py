@@ -27,7 +27,7 @@ from veomni.utils.loss_utils import count_loss_token, mean_global_loss, reduce_g
 
 from veomni_omni.integration.settings import eager_ops_config
 from veomni_omni.models.moe import expert_load
-from veomni_omni.testing import build_batch
+from veomni_omni.data.shaped_batches import build_batch
 
 
 def build(checkpoint, mixed_precision=False):

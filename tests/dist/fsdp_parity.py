@@ -20,7 +20,7 @@ from veomni.models import build_foundation_model
 from veomni.utils.loss_utils import count_loss_token, mean_global_loss, reduce_global_loss_token
 
 from veomni_omni.integration.settings import eager_ops_config
-from veomni_omni.testing import build_batch
+from veomni_omni.data.shaped_batches import build_batch
 
 
 def build(checkpoint, freeze_encoders=False, mixed_precision=False):

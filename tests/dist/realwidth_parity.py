@@ -33,7 +33,10 @@ from veomni.utils.loss_utils import count_loss_token, mean_global_loss, reduce_g
 from veomni_omni.bench.configs import realwidth_dp_batches, realwidth_thinker_config
 from veomni_omni.data.sequence_parallel import pack_rows, shard_for_sequence_parallel
 from veomni_omni.integration.settings import eager_ops_config
-from veomni_omni.testing import TOKENS, concat_batches, iter_full_tensors, tensor_difference
+from veomni_omni.data.shaped_batches import concat_batches
+from veomni_omni.parity import tensor_difference
+from veomni_omni.testing import iter_full_tensors
+from veomni_omni.tiny import TOKENS
 
 LAYOUTS = {"fsdp2_ep2": dict(sp=1, ep=2), "sp2_ep2": dict(sp=2, ep=2)}
 

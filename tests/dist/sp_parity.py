@@ -25,7 +25,7 @@ from veomni.utils.loss_utils import count_loss_token, mean_global_loss, reduce_g
 
 from veomni_omni.data.sequence_parallel import pack_rows, shard_for_sequence_parallel
 from veomni_omni.integration.settings import eager_ops_config
-from veomni_omni.testing import build_batch
+from veomni_omni.data.shaped_batches import build_batch
 
 from ep_parity import full_gradients  # same directory: FSDP shards gathered, EP slices concatenated
 

@@ -7,7 +7,7 @@
   docs/design.md §3), for `plan` (built on the meta device) and, with fewer layers, for `gpu`,
   `realwidth` and the real-width parity test.
 
-Token ids are the tiny vocabulary's (`veomni_omni.testing.TOKENS`), so `build_batch` makes inputs
+Token ids are the tiny vocabulary's (`veomni_omni.tiny.TOKENS`), so `build_batch` makes inputs
 for every config here; only the ids differ from the released checkpoint, not the shapes.
 """
 
@@ -19,7 +19,8 @@ from typing import Optional
 
 from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeThinkerConfig
 
-from veomni_omni.testing import MEL_BINS, TOKENS, build_batch
+from veomni_omni.data.shaped_batches import build_batch
+from veomni_omni.tiny import MEL_BINS, TOKENS
 
 _SPECIAL_IDS = dict(
     vision_start_token_id=TOKENS["vision_start"],
@@ -112,7 +113,7 @@ def real_thinker_config(
     """The released thinker (`released_config`), every width, head count, expert count, top-k,
     vocabulary and rope setting as published; None keeps a depth as released, a number gives the
     reduced-depth model (`deepstack_visual_indexes` must then lie inside `vision_depth`). The special
-    token ids are the tiny vocabulary's (`veomni_omni.testing.TOKENS`), so `build_batch` makes its
+    token ids are the tiny vocabulary's (`veomni_omni.tiny.TOKENS`), so `build_batch` makes its
     inputs; they set no shape."""
     thinker = released_config().thinker_config.to_dict()
     text, vision, audio = thinker["text_config"], thinker["vision_config"], thinker["audio_config"]

@@ -74,7 +74,7 @@ def gpu_config(text_layers: int = 4, vision_depth: int = 6, audio_layers: int = 
 
 def gpu_mixed_rows(seq_len: int, config) -> list[list[tuple]]:
     """One packed row of exactly `seq_len` tokens: two images ≈ 12%, a video ≈ 12%, two audio clips ≈ 10%, rest text."""
-    from veomni_omni.testing import audio_token_count
+    from veomni_omni.data.shaped_batches import audio_token_count
 
     merge = config.vision_config.spatial_merge_size
     side = max(2 * merge, 2 * int(math.sqrt(seq_len * 0.06 * merge**2) / 2))  # one image ≈ 6% of tokens
@@ -187,7 +187,7 @@ def measure(config, rows, ops_config, device, dtype=torch.bfloat16, reps=10, war
     import veomni_omni
     from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 
-    from veomni_omni.testing import build_batch
+    from veomni_omni.data.shaped_batches import build_batch
 
     from .veomni_vs_ours import build_veomni_thinker, grad_parity, to_veomni_inputs, veomni_ops
 

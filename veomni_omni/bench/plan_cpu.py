@@ -69,7 +69,7 @@ def measure_spec(config="cpu", batch="row", ep=1, sp=1, mixed_precision=True, gr
 
 def rank_batch(spec: dict, config, dp_rank: int, sp_rank: int) -> dict:
     from veomni_omni.data.sequence_parallel import pack_rows, shard_for_sequence_parallel
-    from veomni_omni.testing import build_batch, concat_batches
+    from veomni_omni.data.shaped_batches import build_batch, concat_batches
 
     from veomni_omni.bench.configs import realwidth_dp_batches
 
@@ -145,7 +145,7 @@ def worker() -> None:
     from veomni.optim import build_optimizer
 
     from veomni_omni.bench.plan import apply_lora, build_meta_thinker, lora_config
-    from veomni_omni.testing import TOKENS
+    from veomni_omni.tiny import TOKENS
 
     out_file, spec = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())
     dist.init_process_group("gloo", timeout=timedelta(seconds=600))
@@ -233,7 +233,7 @@ def worker() -> None:
 
 def run_worker(spec: dict, timeout_s: float = 1800) -> list[dict]:
     """Every rank's result of one 2-rank run of `spec`."""
-    from veomni_omni.testing import run_ranks
+    from veomni_omni.launch import run_ranks
 
     with tempfile.TemporaryDirectory() as tmp:
         out, spec_file = Path(tmp) / "measured.json", Path(tmp) / "spec.json"

@@ -69,7 +69,7 @@ def available_bytes() -> int:
 
 def speed_batch(config) -> dict:
     """The four samples as padded rows (the real-width parity test's reference batch)."""
-    from veomni_omni.testing import concat_batches
+    from veomni_omni.data.shaped_batches import concat_batches
 
     from .configs import realwidth_dp_batches
 
@@ -169,7 +169,7 @@ def planned_two_ranks(spec: dict, rows: list[dict]) -> float:
 def layout_tokens(spec: dict) -> list[dict]:
     """Each rank's token counts for a spec, from its batch (no model is built), as the plan models
     them (`plan_cpu.with_sp_encoder_shares`)."""
-    from veomni_omni.testing import TOKENS
+    from veomni_omni.tiny import TOKENS
 
     from .plan_cpu import RANKS, rank_batch, thinker_config, with_sp_encoder_shares
 

@@ -36,7 +36,7 @@ def _ours(syncs: dict) -> int:
 
 
 def main(argv=None) -> int:
-    from veomni_omni.testing import run_ranks
+    from veomni_omni.launch import run_ranks
 
     parser = base_parser(__doc__.splitlines()[0], "sp")
     parser.add_argument("--quick", action="store_true", help="smaller sequence, fewer clips (for tests)")

@@ -117,7 +117,7 @@ def veomni_sp_shard(model, rows) -> dict:
     from veomni.data.data_collator import MainCollator
 
     from veomni_omni.data.veomni_transform import veomni_layout
-    from veomni_omni.testing import build_batch
+    from veomni_omni.data.shaped_batches import build_batch
 
     features = []
     for seed, row in enumerate(rows):
@@ -149,7 +149,7 @@ def audio_work(model, quick: bool) -> dict:
     batch's audio in one call, as every rank would without SP."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from veomni_omni.testing import build_batch
+    from veomni_omni.data.shaped_batches import build_batch
 
     clips = (1200, 3100) if quick else (3000, 4500, 1800, 6000)  # mel frames (100 per second)
     rows = [[("prompt", 3), ("audio", frames), ("text", 5)] for frames in clips]
@@ -172,7 +172,7 @@ def main():
     from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
     from veomni.distributed.parallel_state import get_parallel_state, init_parallel_state
 
-    from veomni_omni.testing import tiny_thinker_config
+    from veomni_omni.tiny import tiny_thinker_config
 
     out_file, quick = sys.argv[1], sys.argv[2] == "--quick"
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))

@@ -150,7 +150,7 @@ def veomni_ops(ops_config):
 
 def grad_parity(ours, theirs) -> float:
     """Largest per-tensor max|Δgrad| / max|grad| between the two models (names mapped)."""
-    from veomni_omni.testing import max_relative_difference
+    from veomni_omni.parity import max_relative_difference
 
     got = {to_veomni_name(n): p.grad for n, p in ours.named_parameters()}
     ref = {n: p.grad for n, p in theirs.named_parameters()}

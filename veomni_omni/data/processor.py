@@ -4,7 +4,7 @@
   with `tokenizers` on the synthetic dataset's text, using Qwen2's own pre-tokenizer (NFC, Qwen's
   split regex, byte-level) so that training and loading see the same pipeline. Ids:
   0 = <|endoftext|> (pad), 1..256 the byte alphabet, 257..479 merges, 480..511 Qwen's special
-  tokens, placed so that the ones the model uses sit at `veomni_omni.testing.TOKENS`;
+  tokens, placed so that the ones the model uses sit at `veomni_omni.tiny.TOKENS`;
 - chat template: Qwen3-Omni's ChatML layout (see `CHAT_TEMPLATE`);
 - feature extractor: `WhisperFeatureExtractor`, 128 mel bins at 16 kHz (Qwen3-Omni's settings);
 - image processor: `Qwen2VLImageProcessorPil` (what transformers picks without torchvision; it
@@ -40,10 +40,10 @@ __all__ = [
     "load_processor",
 ]
 
-TEXT_VOCAB = 480  # ids [0, 480): <|endoftext|>, 256 bytes, BPE merges (= testing.FIRST_SPECIAL)
-VOCAB_SIZE = 512  # = testing.TINY_VOCAB
+TEXT_VOCAB = 480  # ids [0, 480): <|endoftext|>, 256 bytes, BPE merges (= tiny.FIRST_SPECIAL)
+VOCAB_SIZE = 512  # = tiny.TINY_VOCAB
 
-# id → (token, special). Qwen's special tokens; the multimodal and chat ones at testing.TOKENS.
+# id → (token, special). Qwen's special tokens; the multimodal and chat ones at tiny.TOKENS.
 SPECIAL_TOKENS: dict[int, tuple[str, bool]] = {
     480: ("<|object_ref_start|>", True),
     481: ("<|object_ref_end|>", True),

@@ -46,6 +46,7 @@ __all__ = [
     "encode_or_skip",
     "media_blocks",
     "rope_positions",
+    "batch_rope_positions",
 ]
 
 logger = logging.getLogger(__name__)
@@ -238,6 +239,26 @@ def _aligned_labels(processor, text: str, spans, expanded: list[int], ids: dict,
 
 
 # ------------------------------------------------------------------------------ rope index
+def _hf_rope_index(config, input_ids, attention_mask, image_grid_thw, video_grid_thw, audio_seqlens, video_second_per_grid, use_audio_in_video):
+    """(3, B, S) M-RoPE positions: HF's `Qwen3OmniMoePreTrainedModelForConditionalGeneration.get_rope_index`,
+    called unbound on a stand-in carrying only the config (no weights)."""
+    config = thinker_config_of(config)
+    owner = hf_modeling.Qwen3OmniMoePreTrainedModelForConditionalGeneration
+    holder = SimpleNamespace(config=config, spatial_merge_size=config.vision_config.spatial_merge_size)
+    holder.get_llm_pos_ids_for_vision = partial(owner.get_llm_pos_ids_for_vision, holder)
+    positions, _ = owner.get_rope_index(
+        holder,
+        input_ids,
+        image_grid_thw,
+        video_grid_thw,
+        attention_mask,
+        use_audio_in_video,
+        audio_seqlens,
+        video_second_per_grid,
+    )
+    return positions
+
+
 def rope_positions(
     config,
     input_ids: torch.Tensor,
@@ -247,25 +268,27 @@ def rope_positions(
     video_second_per_grid: Optional[torch.Tensor] = None,
     use_audio_in_video: bool = False,
 ) -> torch.Tensor:
-    """(3, S) M-RoPE positions of one unpadded sequence: HF's
-    `Qwen3OmniMoePreTrainedModelForConditionalGeneration.get_rope_index`, called unbound on a
-    stand-in carrying only the config (no weights)."""
-    config = thinker_config_of(config)
-    owner = hf_modeling.Qwen3OmniMoePreTrainedModelForConditionalGeneration
-    holder = SimpleNamespace(config=config, spatial_merge_size=config.vision_config.spatial_merge_size)
-    holder.get_llm_pos_ids_for_vision = partial(owner.get_llm_pos_ids_for_vision, holder)
+    """(3, S) M-RoPE positions of one unpadded sequence (HF's `get_rope_index`)."""
     ids = input_ids.view(1, -1)
-    positions, _ = owner.get_rope_index(
-        holder,
-        ids,
-        image_grid_thw,
-        video_grid_thw,
-        torch.ones_like(ids),
-        use_audio_in_video,
-        audio_seqlens,
-        video_second_per_grid,
+    return _hf_rope_index(
+        config, ids, torch.ones_like(ids), image_grid_thw, video_grid_thw, audio_seqlens, video_second_per_grid, use_audio_in_video
+    )[:, 0]
+
+
+def batch_rope_positions(config, batch: dict) -> torch.Tensor:
+    """(3, B, S) M-RoPE positions of a right-padded batch in HF's layout (HF's `get_rope_index`). Per-batch
+    positions let batches with and without audio-in-video be concatenated (HF's flag is one per forward call)."""
+    mask = batch.get("feature_attention_mask")
+    return _hf_rope_index(
+        config,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch.get("image_grid_thw"),
+        batch.get("video_grid_thw"),
+        mask.sum(-1) if mask is not None else None,
+        batch.get("video_second_per_grid"),
+        batch.get("use_audio_in_video", False),
     )
-    return positions[:, 0]
 
 
 # ------------------------------------------------------------------------------ truncation
