@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import veomni_omni
+from veomni_omni.testing import save_checkpoint
 from veomni_omni.tiny import tiny_thinker_config
 
 
@@ -15,6 +16,22 @@ def tiny_thinker():
     torch.manual_seed(0)
     model = Qwen3OmniMoeThinkerForConditionalGeneration(tiny_thinker_config()).eval()
     return model, copy.deepcopy(model)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Factory: `make(name, **text_overrides)` saves a seeded tiny thinker (`tiny_thinker_config(**text_overrides)`,
+    fp32, CPU) as a checkpoint in a fresh directory and returns (its path, the model)."""
+    from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
+
+    def make(name: str, **text_overrides):
+        torch.manual_seed(0)
+        model = Qwen3OmniMoeThinkerForConditionalGeneration(tiny_thinker_config(**text_overrides)).eval()
+        path = tmp_path_factory.mktemp(name)
+        save_checkpoint(model, path)
+        return path, model
+
+    return make
 
 
 @pytest.fixture

@@ -6,8 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
-from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 
 import veomni_omni
 from veomni_omni.data.checks import BadInputError, check_micro_batch, input_problems, padding_batch
@@ -159,13 +157,8 @@ def test_padding_batch_gives_zero_loss_and_gradients_and_empty_batch_is_refused(
 
 
 @pytest.fixture(scope="module")
-def worker_results(tmp_path_factory):
-    torch.manual_seed(0)
-    config = tiny_thinker_config()  # router aux loss on: the padding rank must add none
-    model = Qwen3OmniMoeThinkerForConditionalGeneration(config).eval()
-    path = tmp_path_factory.mktemp("tiny_thinker")
-    config.save_pretrained(path)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
+def worker_results(tiny_checkpoint):
+    path, model = tiny_checkpoint("tiny_thinker")  # router aux loss on: the padding rank must add none
     run_ranks(WORKER, 2, [str(path), str(path / "out.pt")], timeout_s=240)
     return model, torch.load(path / "out.pt")
 

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from transformers import Qwen3OmniMoeForConditionalGeneration, Qwen3OmniMoeThinkerForConditionalGeneration
+from transformers import Qwen3OmniMoeForConditionalGeneration
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 
 import veomni_omni
 from veomni_omni.data.shaped_batches import build_batch, concat_batches
 from veomni_omni.launch import run_ranks
 from veomni_omni.parity import max_relative_difference, parity_errors
-from veomni_omni.tiny import tiny_omni_config, tiny_thinker_config
+from veomni_omni.testing import save_checkpoint
+from veomni_omni.tiny import tiny_omni_config
 
 WORKER = str(Path(__file__).parent / "dist" / "ep_parity.py")
 NUM_EXPERTS, TOP_K = 8, 2
@@ -93,20 +93,14 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
+def checkpoint(tiny_checkpoint, tmp_path_factory):
     # aux loss coefficient large enough that its gradient matters in the comparison
-    config = tiny_thinker_config(output_router_logits=True, router_aux_loss_coef=0.1)
-    model = Qwen3OmniMoeThinkerForConditionalGeneration(config).eval()
-    path = tmp_path_factory.mktemp("tiny_thinker_ep")
-    config.save_pretrained(path)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
+    path, model = tiny_checkpoint("tiny_thinker_ep", output_router_logits=True, router_aux_loss_coef=0.1)
     omni = Qwen3OmniMoeForConditionalGeneration(tiny_omni_config())
     omni.thinker.load_state_dict(model.state_dict())
-    omni.config.thinker_config.text_config.router_aux_loss_coef = config.text_config.router_aux_loss_coef
+    omni.config.thinker_config.text_config.router_aux_loss_coef = model.config.text_config.router_aux_loss_coef
     omni_path = tmp_path_factory.mktemp("tiny_omni_ep")
-    omni.config.save_pretrained(omni_path)
-    save_file({k: v.contiguous() for k, v in omni.state_dict().items()}, omni_path / "model.safetensors")
+    save_checkpoint(omni, omni_path)
     return path, model, omni_path
 
 

@@ -12,15 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 
 import veomni_omni
 from veomni_omni.data.shaped_batches import build_batch, concat_batches
 from veomni_omni.launch import run_ranks
 from veomni_omni.parity import max_relative_difference, parity_errors
 from veomni_omni.testing import loss_and_grads
-from veomni_omni.tiny import tiny_thinker_config
 
 WORKER = str(Path(__file__).parent / "dist" / "fsdp_parity.py")
 
@@ -58,14 +55,8 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    config = tiny_thinker_config(output_router_logits=False)
-    model = Qwen3OmniMoeThinkerForConditionalGeneration(config).eval()
-    path = tmp_path_factory.mktemp("tiny_thinker")
-    config.save_pretrained(path)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
-    return path, model
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint("tiny_thinker", output_router_logits=False)
 
 
 def reference(model, spec):

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 
 import veomni_omni
 from veomni_omni.data.sequence_parallel import SequenceParallelShard, check_divisible_heads, pack_rows, shard_for_sequence_parallel
@@ -151,14 +149,8 @@ def test_indivisible_heads_are_refused_before_anything_runs():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    config = tiny_thinker_config(output_router_logits=False)
-    model = Qwen3OmniMoeThinkerForConditionalGeneration(config).eval()
-    path = tmp_path_factory.mktemp("tiny_thinker_sp")
-    config.save_pretrained(path)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
-    return path, model
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint("tiny_thinker_sp", output_router_logits=False)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -16,20 +16,13 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-import veomni_omni  # noqa: F401  (patches + registry, before VeOmni builds anything)
-from veomni.arguments.arguments_types import MixedPrecisionConfig
+from _common import build, full_gradients, step_counting_vit  # same directory (patches applied there first)
 from veomni.distributed.parallel_state import clear_parallel_state, get_parallel_state, init_parallel_state
-from veomni.distributed.torch_parallelize import build_parallelize_model
-from veomni.models import build_foundation_model
 
 from veomni_omni.data.checks import BadInputError, check_micro_batch, padding_batch
 from veomni_omni.data.sequence_parallel import pack_rows, shard_for_sequence_parallel
-from veomni_omni.integration.settings import eager_ops_config
 from veomni_omni.data.shaped_batches import build_batch
 from veomni_omni.tiny import TOKENS
-
-from ep_parity import full_gradients  # same directory
-from fsdp_parity import build, step
 
 GOOD_ROWS = [[("prompt", 2), ("audio", 120), ("text", 4)], [("prompt", 2), ("image", 1, 4, 4), ("text", 3)]]
 REAL_ROWS = [[("prompt", 2), ("image", 1, 4, 4), ("audio", 80), ("video", 2, 4, 4), ("text", 5)], [("prompt", 3), ("text", 6)]]
@@ -70,17 +63,13 @@ def main():
     results["agreement"] = agreement(rank, model.config)
 
     batch = build_batch(REAL_ROWS, seed=3, with_position_ids=True) if rank == 0 else padding_batch(model.config)
-    loss, grads, vit_calls = step(model, batch)
+    loss, grads, vit_calls = step_counting_vit(model, batch)
     results["empty_rank"] = {"loss": loss, "grads": grads, "vit_calls": vit_calls, "batch": batch}
 
     dist.barrier()
     clear_parallel_state()  # same processes, new layout: Ulysses SP over both ranks
     init_parallel_state(dp_size=1, ulysses_size=2, dp_mode="fsdp2", device_type="cpu")
-    model = build_foundation_model(checkpoint, init_device="meta", torch_dtype="float32", ops_implementation=eager_ops_config())
-    model = build_parallelize_model(
-        model, weights_path=checkpoint, init_device="meta", enable_gradient_checkpointing=False,
-        mixed_precision=MixedPrecisionConfig(enable=False), enable_reshard_after_forward=True,
-    )
+    model = build(checkpoint)
     shard = shard_for_sequence_parallel(pack_rows(padding_batch(model.config)), model.config, 2, get_parallel_state().sp_rank)
     out = model(**shard, use_cache=False)
     out.loss.backward()

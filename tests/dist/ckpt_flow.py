@@ -28,14 +28,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import veomni_omni  # noqa: F401  (patches + registry, before VeOmni builds anything)
-from veomni.arguments.arguments_types import MixedPrecisionConfig
+from _common import build, on_every_rank, summed_over_ranks, veomni_scaled_loss  # same directory (patches applied there first)
 from veomni.distributed.clip_grad_norm import veomni_clip_grad_norm
 from veomni.distributed.parallel_state import init_parallel_state
-from veomni.distributed.torch_parallelize import build_parallelize_model
-from veomni.models import build_foundation_model
 from veomni.optim import build_lr_scheduler, build_optimizer
-from veomni.utils.loss_utils import count_loss_token, mean_global_loss, reduce_global_loss_token
 
 from veomni_omni.checkpoint import (
     latest_resume_checkpoint,
@@ -45,8 +41,8 @@ from veomni_omni.checkpoint import (
     save_resume_state,
 )
 from veomni_omni.checkpoint import safetensors_io
-from veomni_omni.checkpoint.sharding import distinct_boxes, gather_to, sharded_params
-from veomni_omni.integration.settings import eager_ops_config
+from veomni_omni.checkpoint.sharding import sharded_params
+from veomni_omni.testing import gather_full_tensors
 from veomni_omni.data.shaped_batches import build_batch
 
 SEED = 1234
@@ -93,21 +89,14 @@ class Data:
         return build_batch([ROWS[kind]], seed=seed, with_position_ids=True)
 
 
-def gather(value):
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
-
-
-def build(checkpoint, *, talker=True):
-    """On meta, sharded, then materialised without initialisation: the checkpoint fills it."""
-    model = build_foundation_model(checkpoint, init_device="meta", torch_dtype="float32", ops_implementation=eager_ops_config())
-    if not talker and hasattr(model, "disable_talker"):
+def without_talker(model):
+    if hasattr(model, "disable_talker"):
         model.disable_talker()
-    return build_parallelize_model(
-        model, weights_path=None, init_device="meta", should_skip_hf_weight_load=True, enable_gradient_checkpointing=False,
-        mixed_precision=MixedPrecisionConfig(enable=False), enable_reshard_after_forward=True,
-    )
+
+
+def build_unloaded(checkpoint, *, talker=True):
+    """On meta, sharded, then materialised without initialisation: the checkpoint fills it."""
+    return build(checkpoint, load_weights=False, prepare=None if talker else without_talker)
 
 
 def optimizer_and_scheduler(model, steps):
@@ -118,18 +107,13 @@ def optimizer_and_scheduler(model, steps):
 
 def train_step(model, optimizer, scheduler, data):
     batch = data.next(dist.get_rank(), dist.get_world_size())
-    tokens = count_loss_token(batch)
-    global_tokens = reduce_global_loss_token(tokens)
-    out = model(**batch, use_cache=False)
-    loss = torch.stack(list(mean_global_loss(out.loss, tokens, tokens, global_tokens).values())).sum()
+    loss = veomni_scaled_loss(model(**batch, use_cache=False).loss, batch)
     loss.backward()
     veomni_clip_grad_norm(model, 1.0)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad()
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-    return total.item()
+    return summed_over_ranks(loss)
 
 
 @torch.no_grad()
@@ -145,13 +129,6 @@ def probe_logits(model, probe):
 
 
 @torch.no_grad()
-def full_weights(model):
-    """Every parameter whole, on rank 0 (None elsewhere)."""
-    params = sharded_params(model)
-    boxes = distinct_boxes(params)
-    return {name: gather_to(p, boxes[name], owners={0}) for name, p in params.items()}
-
-
 def local_bytes(model):
     return sum(p.local.numel() * p.local.element_size() for p in sharded_params(model).values())
 
@@ -175,11 +152,11 @@ def first(source, mid_source, spec, out):
     results = {}
 
     # 1. model A: load, logits, straight training, HF save
-    model = build(source)
+    model = build_unloaded(source)
     with PeakRSS() as load_rss:
         read = load_hf_checkpoint(model, source)
     results["tiny"] = {"read": read, "local": local_bytes(model), "load": vars(load_rss)}
-    results["loaded_weights"] = full_weights(model)
+    results["loaded_weights"] = gather_full_tensors(model)
     results["loaded_logits"] = probe_logits(model, spec["probe"])
     optimizer, scheduler = optimizer_and_scheduler(model, steps)
     torch.manual_seed(SEED)
@@ -189,22 +166,22 @@ def first(source, mid_source, spec, out):
     with PeakRSS() as save_rss:
         save_hf_checkpoint(model, out / "hf_trained", source=source, max_shard_size=shard_size)
     results["tiny"]["save"] = vars(save_rss)
-    results["tiny"] = gather(results["tiny"])
+    results["tiny"] = on_every_rank(results["tiny"])
     del model, optimizer, scheduler
 
     # 2. memory, on a checkpoint large enough for its shards to dominate the noise (and after the
     #    first load and save of the process, which pay one-off import and cache costs)
-    model = build(mid_source)
+    model = build_unloaded(mid_source)
     with PeakRSS() as load_rss:
         read = load_hf_checkpoint(model, mid_source)
     with PeakRSS() as save_rss:
         save_hf_checkpoint(model, out / "hf_mid", source=mid_source, max_shard_size=shard_size * 64)
     largest = max(torch.Size(p.global_shape).numel() * p.local.element_size() for p in sharded_params(model).values())
-    results["mid"] = gather({"read": read, "local": local_bytes(model), "largest_param": largest, "load": vars(load_rss), "save": vars(save_rss)})
+    results["mid"] = on_every_rank({"read": read, "local": local_bytes(model), "largest_param": largest, "load": vars(load_rss), "save": vars(save_rss)})
     del model
 
     # 3. model B: the same training with a DCP save half way, then a save that a dying rank breaks
-    model = build(source, talker=False)
+    model = build_unloaded(source, talker=False)
     load_hf_checkpoint(model, source)
     optimizer, scheduler = optimizer_and_scheduler(model, steps)
     torch.manual_seed(SEED)
@@ -228,7 +205,7 @@ def first(source, mid_source, spec, out):
 
 def resume(source, spec, out):
     rank, steps = dist.get_rank(), spec["steps"]
-    model = build(source, talker=False)
+    model = build_unloaded(source, talker=False)
     optimizer, scheduler = optimizer_and_scheduler(model, steps)
     checkpoint = latest_resume_checkpoint(out / "resume")
     state = load_resume_state(checkpoint, model, optimizer, scheduler)

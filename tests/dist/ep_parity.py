@@ -16,61 +16,25 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-import veomni_omni  # noqa: F401  (patches + registry, before VeOmni builds anything)
-from torch.distributed.tensor import Shard
+from _common import build, full_gradients, summed_over_ranks, veomni_scaled_loss  # same directory (patches applied there first)
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
-from veomni.arguments.arguments_types import MixedPrecisionConfig
 from veomni.distributed.parallel_state import get_parallel_state, init_parallel_state
-from veomni.distributed.torch_parallelize import build_parallelize_model
-from veomni.models import build_foundation_model
-from veomni.utils.loss_utils import count_loss_token, mean_global_loss, reduce_global_loss_token
 
-from veomni_omni.integration.settings import eager_ops_config
-from veomni_omni.models.moe import expert_load
 from veomni_omni.data.shaped_batches import build_batch
-
-
-def build(checkpoint, mixed_precision=False):
-    model = build_foundation_model(checkpoint, init_device="meta", torch_dtype="float32", ops_implementation=eager_ops_config())
-    return build_parallelize_model(
-        model, weights_path=checkpoint, init_device="meta", enable_gradient_checkpointing=False,
-        mixed_precision=MixedPrecisionConfig(enable=mixed_precision), enable_reshard_after_forward=True,
-    )
-
-
-def full_gradients(model):
-    """Every gradient as the whole tensor: FSDP shards gathered, EP slices concatenated (expert order
-    is EP rank order, as `ParallelPlan.apply` sliced them)."""
-    state = get_parallel_state()
-    expert_sharded = {fqn for fqn, info in getattr(model, "_fqn2spec_info", {}).items() if isinstance(info.placement, Shard)}
-    grads = {}
-    for name, param in model.named_parameters():
-        if param.grad is None:
-            continue
-        grad = param.grad.full_tensor()
-        if name in expert_sharded:
-            parts = [torch.empty_like(grad) for _ in range(state.ep_size)]
-            dist.all_gather(parts, grad.contiguous(), group=state.ep_group)
-            grad = torch.cat(parts)
-        grads[name] = grad
-    return grads
+from veomni_omni.models.moe import expert_load
 
 
 def step(model, batch, aux):
     model.zero_grad(set_to_none=True)
-    tokens = count_loss_token(batch)
-    global_tokens = reduce_global_loss_token(tokens)
     out = model(**batch, use_cache=False, output_router_logits=aux)
-    loss = torch.stack(list(mean_global_loss(out.loss, tokens, tokens, global_tokens).values())).sum()
+    loss = veomni_scaled_loss(out.loss, batch)
     loss.backward()
-    share = loss.detach().clone()
-    dist.all_reduce(share)
     local = expert_load(model, reset=False)
     world = expert_load(model, group=get_parallel_state().fsdp_group)  # the trainer's global view; resets
     loads = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(loads, local)
     result = {
-        "loss": share.item() / dist.get_world_size(),
+        "loss": summed_over_ranks(loss) / dist.get_world_size(),
         "grads": full_gradients(model),
         "loads": torch.stack(loads),
         "world_load": world,

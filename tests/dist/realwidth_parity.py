@@ -24,15 +24,10 @@ from safetensors.torch import save_file
 from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 
 import veomni_omni  # patches + registry, before VeOmni builds anything
-from veomni.arguments.arguments_types import MixedPrecisionConfig
+from _common import build, summed_over_ranks, veomni_scaled_loss  # same directory
 from veomni.distributed.parallel_state import get_parallel_state, init_parallel_state
-from veomni.distributed.torch_parallelize import build_parallelize_model
-from veomni.models import build_foundation_model
-from veomni.utils.loss_utils import count_loss_token, mean_global_loss, reduce_global_loss_token
 
-from veomni_omni.bench.configs import realwidth_dp_batches, realwidth_thinker_config
-from veomni_omni.data.sequence_parallel import pack_rows, shard_for_sequence_parallel
-from veomni_omni.integration.settings import eager_ops_config
+from veomni_omni.bench.configs import rank_share, realwidth_dp_batches, realwidth_thinker_config
 from veomni_omni.data.shaped_batches import concat_batches
 from veomni_omni.parity import tensor_difference
 from veomni_omni.testing import iter_full_tensors
@@ -72,27 +67,15 @@ def main():
         extra_parallel_sizes=(layout["ep"],), extra_parallel_names=("ep",),
     )
     state = get_parallel_state()
-    model = build_foundation_model(checkpoint, init_device="meta", torch_dtype="float32", ops_implementation=eager_ops_config())
-    model = build_parallelize_model(
-        model, weights_path=checkpoint, init_device="meta", enable_gradient_checkpointing=False,
-        mixed_precision=MixedPrecisionConfig(enable=False), enable_reshard_after_forward=True,
-    )
+    model = build(checkpoint)
     print(f"rank {rank}: built", flush=True)
     config = model.config
-    batches = realwidth_dp_batches(config)
-    if layout["sp"] > 1:
-        batch = shard_for_sequence_parallel(pack_rows(concat_batches(batches)), config, layout["sp"], state.sp_rank)
-    else:
-        batch = pack_rows(batches[state.dp_rank])
+    batch = rank_share(realwidth_dp_batches(config), config, layout["sp"], state.dp_rank, state.sp_rank)
 
-    tokens = count_loss_token(batch)
-    global_tokens = reduce_global_loss_token(tokens)
-    loss = model(**batch, use_cache=False).loss
-    loss = torch.stack(list(mean_global_loss(loss, tokens, tokens, global_tokens).values())).sum()
+    loss = veomni_scaled_loss(model(**batch, use_cache=False).loss, batch)
     loss.backward()
     print(f"rank {rank}: stepped", flush=True)
-    total = loss.detach().clone()
-    dist.all_reduce(total)
+    total = summed_over_ranks(loss)
 
     ids = batch["input_ids"]
     held = {
@@ -112,7 +95,7 @@ def main():
         if rank == 0:
             table.update({name: tensor_difference(None, ref.get_tensor(name)) for name in names - table.keys()})
     if rank == 0:
-        Path(out_file).write_text(json.dumps({"loss": total.item() / world, "ranks": everyone, "table": table}))
+        Path(out_file).write_text(json.dumps({"loss": total / world, "ranks": everyone, "table": table}))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -16,18 +16,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-import veomni_omni  # noqa: F401
-from veomni.arguments.arguments_types import MixedPrecisionConfig
+from _common import build, full_gradients, summed_over_ranks, veomni_scaled_loss  # same directory (patches applied there first)
 from veomni.distributed.parallel_state import get_parallel_state, init_parallel_state
-from veomni.distributed.torch_parallelize import build_parallelize_model
-from veomni.models import build_foundation_model
-from veomni.utils.loss_utils import count_loss_token, mean_global_loss, reduce_global_loss_token
 
 from veomni_omni.data.sequence_parallel import pack_rows, shard_for_sequence_parallel
-from veomni_omni.integration.settings import eager_ops_config
 from veomni_omni.data.shaped_batches import build_batch
-
-from ep_parity import full_gradients  # same directory: FSDP shards gathered, EP slices concatenated
 
 
 FLASH_STAND_IN = "flash_varlen_stand_in"  # "flash" in the name: transformers treats it as a flash implementation
@@ -57,11 +50,7 @@ def main():
         extra_parallel_sizes=(ep_size,), extra_parallel_names=("ep",),
     )
     state = get_parallel_state()
-    model = build_foundation_model(checkpoint, init_device="meta", torch_dtype="float32", ops_implementation=eager_ops_config())
-    model = build_parallelize_model(
-        model, weights_path=checkpoint, init_device="meta", enable_gradient_checkpointing=False,
-        mixed_precision=MixedPrecisionConfig(enable=False), enable_reshard_after_forward=True,
-    )
+    model = build(checkpoint)
     config = model.config
     AttentionInterface.register(FLASH_STAND_IN, flash_varlen_stand_in)
     experts = model.model.language_model.layers[0].mlp.experts
@@ -76,16 +65,12 @@ def main():
         model.zero_grad(set_to_none=True)
         config.vision_config._attn_implementation = FLASH_STAND_IN if case.get("vision_attention") == "flash_varlen" else "sdpa"
         calls_before = flash_calls
-        tokens = count_loss_token(batch)
-        global_tokens = reduce_global_loss_token(tokens)
-        loss = model(**batch, use_cache=False).loss
-        loss = torch.stack(list(mean_global_loss(loss, tokens, tokens, global_tokens).values())).sum()
+        loss = veomni_scaled_loss(model(**batch, use_cache=False).loss, batch)
         loss.backward()
         grads = full_gradients(model)
-        total = loss.detach().clone()
-        dist.all_reduce(total)
+        total = summed_over_ranks(loss)
         if dist.get_rank() == 0:
-            results[name] = {"loss": total.item() / world, "grads": grads, "flash_calls": flash_calls - calls_before}
+            results[name] = {"loss": total / world, "grads": grads, "flash_calls": flash_calls - calls_before}
     if dist.get_rank() == 0:
         torch.save(results, out_file)
     dist.barrier()

@@ -46,14 +46,13 @@ from veomni.arguments.arguments_types import (
 )
 from veomni.distributed import torch_parallelize as veomni_parallelize
 from veomni.distributed.parallel_state import init_parallel_state
-from veomni.distributed.torch_parallelize import build_parallelize_model
 from veomni.lora import VeOmniLoraConfig, VeOmniLoraModel, resolve_fused_moe_lora_targets
-from veomni.models import build_foundation_model, build_processor
+from veomni.models import build_processor
 from veomni.optim import build_lr_scheduler, build_optimizer
 from veomni.trainer.callbacks.base import TrainerState
 from veomni.trainer.callbacks.checkpoint_callback import HuggingfaceCkptCallback
 
-from ckpt_flow import full_weights, gather
+from _common import build, on_every_rank  # same directory
 from veomni_omni.checkpoint import CheckpointError
 from veomni_omni.checkpoint import veomni_io
 from veomni_omni.checkpoint.lora import is_adapter_param
@@ -77,13 +76,13 @@ def record_converters():
     veomni_io.ReleasedLayoutConverter.__init__ = init
 
 
+def without_talker(model):
+    model.disable_talker()
+
+
 def load(config_dir, weights, *, broadcast, talker=True, stream=False):
-    model = build_foundation_model(str(config_dir), init_device="meta", torch_dtype="float32", ops_implementation=eager_ops_config())
-    if not talker:
-        model.disable_talker()
-    return build_parallelize_model(
-        model, weights_path=str(weights), init_device="meta", enable_gradient_checkpointing=False,
-        mixed_precision=MixedPrecisionConfig(enable=False), enable_reshard_after_forward=True,
+    return build(
+        config_dir, weights, prepare=None if talker else without_talker,
         broadcast_model_weights_from_rank0=broadcast, ep_sharded_stream_load=stream,
     )
 
@@ -94,7 +93,7 @@ def loaded(spec, case, **kwargs):
     config = spec["thinker_config"] if case == "thinker" else spec["source"]
     model = load(config, spec["source"], **kwargs)
     fed = sum(c.bytes_consumed for c in converters[before:])
-    return model, {"weights": full_weights(model), "bytes_fed": gather(fed)}
+    return model, {"weights": gather_full_tensors(model), "bytes_fed": on_every_rank(fed)}
 
 
 def error_of(fn):
@@ -124,27 +123,26 @@ def export(model, spec, out):
     callback = HuggingfaceCkptCallback(trainer)
     callback.on_step_end(TrainerState(global_step=HF_SAVE_STEPS))
     callback.on_train_end(TrainerState(global_step=LAST_STEP))
-    return {"weights": full_weights(model), "save_path": args.train.checkpoint.save_path}
+    return {"weights": gather_full_tensors(model), "save_path": args.train.checkpoint.save_path}
 
 
 LORA_CONFIG = {"rank": 4, "alpha": 8, "lora_modules": ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+def with_lora_adapters(model):
+    model.disable_talker()
+    return VeOmniLoraModel(model, VeOmniLoraConfig.from_yaml(resolve_fused_moe_lora_targets(model, LORA_CONFIG)))
 
 
 def lora_param_dtype(spec):
     mixed = MixedPrecisionConfig(enable=True, param_dtype="bfloat16", reduce_dtype="float32")
     results = {}
     for which in ("ours", "veomni"):
-        model = build_foundation_model(spec["source"], init_device="meta", torch_dtype="float32", ops_implementation=eager_ops_config())
-        model.disable_talker()
-        model = VeOmniLoraModel(model, VeOmniLoraConfig.from_yaml(resolve_fused_moe_lora_targets(model, LORA_CONFIG)))
         ours = veomni_parallelize.parallelize_model_fsdp2
         if which == "veomni":
             veomni_parallelize.parallelize_model_fsdp2 = original(PARAM_DTYPE_PATCH)
         try:
-            model = build_parallelize_model(
-                model, weights_path=spec["source"], init_device="meta", enable_gradient_checkpointing=False,
-                mixed_precision=mixed, enable_reshard_after_forward=True, is_peft_model=True,
-            )
+            model = build(spec["source"], prepare=with_lora_adapters, mixed_precision=mixed, is_peft_model=True)
         finally:
             veomni_parallelize.parallelize_model_fsdp2 = ours
         params = sharded_params(model)
@@ -157,9 +155,9 @@ def lora_param_dtype(spec):
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         results[which] = {
-            "loss": gather(loss.detach()),
+            "loss": on_every_rank(loss.detach()),
             "grads": gather_full_tensors(model, grads=True),
-            "dtypes": gather({
+            "dtypes": on_every_rank({
                 kind: sorted({str(p.local.dtype) for n, p in params.items() if is_adapter_param(n) == (kind == "adapters")})
                 for kind in ("frozen", "adapters")
             }),
@@ -174,8 +172,8 @@ def cases(spec, out):
     no_talker, results["no_talker"] = loaded(spec, "no_talker", broadcast=True, talker=False)
     results["thinker"] = loaded(spec, "thinker", broadcast=False)[1]
     if spec["ep"] > 1:
-        results["stream_load"] = gather(error_of(lambda: load(spec["source"], spec["source"], broadcast=False, stream=True)))
-    results["broken"] = gather(error_of(lambda: load(spec["source"], spec["broken"], broadcast=False)))
+        results["stream_load"] = on_every_rank(error_of(lambda: load(spec["source"], spec["source"], broadcast=False, stream=True)))
+    results["broken"] = on_every_rank(error_of(lambda: load(spec["source"], spec["broken"], broadcast=False)))
     results["lora_param_dtype"] = lora_param_dtype(spec)
     results["export"] = export(no_talker, spec, out)
     if dist.get_rank() == 0:

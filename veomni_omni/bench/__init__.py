@@ -9,7 +9,7 @@ holding its ratios (or sizes) and the machine it ran on (`machine`).
 # CLI name -> (module under veomni_omni.bench, one-line description).
 BENCHMARKS = {
     "overhead": ("overhead", "patched thinker vs unpatched HF, same weights, fwd+bwd step time (CPU)"),
-    "host": ("host", "veomni_omni's thinker vs VeOmni 0.1.12's own generated model, fwd+bwd (CPU)"),
+    "veomni": ("veomni_vs_ours", "veomni_omni's thinker vs VeOmni 0.1.12's own generated model, fwd+bwd (CPU)"),
     "plan": ("plan", "full 30B-A3B thinker on meta: per-rank memory under an FSDP/EP/SP layout, full FT or LoRA; fewest GPUs"),
     "gpu": ("gpu", "reduced-depth thinker at real widths, bf16: tokens/s, MFU, peak memory, vs VeOmni (CUDA)"),
     "sp": ("sp", "Ulysses SP: fill-back memory and audio work vs the all-gather way, host syncs (2 and 4 gloo ranks)"),

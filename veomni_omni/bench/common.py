@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -181,3 +182,98 @@ def quiet_veomni_logs() -> None:
 
     for name in ("veomni", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# ------------------------------------------------------------------ side-by-side fwd+bwd step benchmarks
+
+
+def side_by_side_workload(doc: str, prog: str, argv) -> tuple:
+    """The CLI of a side-by-side CPU step benchmark (timing options) and its workload: (args, config,
+    model, batch, reps, warmup), see `configs.cpu_workload`."""
+    from .configs import cpu_workload
+
+    parser = base_parser(doc.splitlines()[0], prog)
+    add_timing_args(parser, reps=10)
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    quiet_veomni_logs()
+    return (args, *cpu_workload(args))
+
+
+def fwd_bwd_step(losses: dict, name: str, model, inputs: dict, context: Callable = contextlib.nullcontext) -> Callable[[], None]:
+    """One contender's timed step: zero the gradients, forward, backward, all under `context()`; its
+    loss goes to `losses[name]`."""
+
+    def run():
+        with context():
+            model.zero_grad(set_to_none=True)
+            loss = model(**inputs).loss
+            loss.backward()
+        losses[name] = loss.item()
+
+    return run
+
+
+def report_side_by_side(
+    benchmark: str,
+    args: argparse.Namespace,
+    times: dict[str, list[float]],
+    losses: dict[str, float],
+    model,
+    batch: dict,
+    reps: int,
+    target: float,
+    columns: Sequence[str] = (),
+    cells: Optional[dict[str, list]] = None,
+    note: str = "",
+    extra: Optional[dict] = None,
+) -> int:
+    """Table, ratio line and JSON of a fwd+bwd step measured side by side (`interleaved_times`): the
+    first contender in `times` is ours, the ratio is ours / the second's. `columns` and `cells[name]`:
+    more describing columns per contender; `note`: appended to the ratio line; `extra`: more JSON keys."""
+    import torch
+
+    ours, theirs = list(times)
+    summary = ratio_summary(times[ours], times[theirs])
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens = int(batch["attention_mask"].sum())
+    cells = cells or {}
+    print(
+        format_table(
+            ["contender", *columns, "median ms", "min ms", "max ms", "loss"],
+            [
+                [name, *cells.get(name, []), statistics.median(t) * 1e3, min(t) * 1e3, max(t) * 1e3, losses[name]]
+                for name, t in times.items()
+            ],
+            title=(
+                f"{benchmark}: fwd+bwd step, thinker {n_params / 1e6:.1f}M params, batch {tuple(batch['input_ids'].shape)} "
+                f"({tokens} tokens: text+image+audio), fp32, {torch.get_num_threads()} threads, {reps} interleaved rounds, {args.clock} clock"
+            ),
+        )
+    )
+    print(
+        f"ratio {ours}/{theirs} = {summary['ratio']:.3f} (median of per-round ratios; range "
+        f"{summary['ratio_min']:.3f}..{summary['ratio_max']:.3f}; ratio of medians {summary['ratio_of_medians']:.3f}); "
+        f"target <= {target}" + (f"; {note}" if note else "")
+    )
+    machine = machine_info()
+    if contention_note(machine, args.clock):
+        print(contention_note(machine, args.clock))
+    emit(
+        {
+            "benchmark": benchmark,
+            **summary,
+            "target": target,
+            "meets_target": summary["ratio"] <= target,
+            "ms": {name: statistics.median(t) * 1e3 for name, t in times.items()},
+            "loss": losses,
+            **(extra or {}),
+            "reps": reps,
+            "clock": args.clock,
+            "quick": args.quick,
+            "workload": {"params": n_params, "batch_shape": list(batch["input_ids"].shape), "tokens": tokens, "dtype": "float32"},
+            "machine": machine,
+        },
+        args.json,
+    )
+    return 0

@@ -190,3 +190,14 @@ def realwidth_dp_batches(config) -> list[dict]:
         build_batch([REALWIDTH_SAMPLES[name] for name in pack], config, seed=rank, with_position_ids=True)
         for rank, pack in enumerate(REALWIDTH_DP_PACKS)
     ]
+
+
+def rank_share(batches: list[dict], config, sp: int, dp_rank: int, sp_rank: int) -> dict:
+    """This rank's input when data-parallel rank r holds `batches[r]`: its batch packed into one sequence;
+    under Ulysses SP (`sp` > 1) the whole global batch packed into one sequence and this rank's slice of it."""
+    from veomni_omni.data.sequence_parallel import pack_rows, shard_for_sequence_parallel
+    from veomni_omni.data.shaped_batches import concat_batches
+
+    if sp > 1:
+        return shard_for_sequence_parallel(pack_rows(concat_batches(batches)), config, sp, sp_rank)
+    return pack_rows(batches[dp_rank])

@@ -27,7 +27,7 @@ FLOPs per step (`step_flops`), the MFU numerator, counted from the batch actuall
           + 6 · N_merger · (deepstack levels + 1) · visual LM tokens
   audio:  6 · (layers · N_layer + N_proj) · tokens + 12 · layers · Ha · Σ_windows w² + 3 · conv front end
 MFU = FLOPs / median step time / peak dense bf16 FLOP/s (`PEAK_BF16_TFLOPS` by device name, or --peak-tflops).
-JSON: {"mfu", "tokens_per_s", "ratio_vs_host": our tokens/s / VeOmni's (target ≥ 1.1), "step_time_ratio":
+JSON: {"mfu", "tokens_per_s", "ratio_vs_veomni": our tokens/s / VeOmni's (target ≥ 1.1), "step_time_ratio":
 our step time / VeOmni's, "device", ...}; without
 CUDA: {"skipped": "<why>"}.
 """
@@ -178,8 +178,8 @@ def _skip(reason: str, as_json: bool) -> int:
     return 0
 
 
-def measure(config, rows, ops_config, device, dtype=torch.bfloat16, reps=10, warmup=2, with_host=True, log=None) -> dict:
-    """Interleaved fwd+bwd steps of our thinker and (with_host) VeOmni's, same weights and batch.
+def measure(config, rows, ops_config, device, dtype=torch.bfloat16, reps=10, warmup=2, with_veomni=True, log=None) -> dict:
+    """Interleaved fwd+bwd steps of our thinker and (with_veomni) VeOmni's, same weights and batch.
 
     Device-agnostic (the CPU smoke test runs it with a small config); CUDA adds synchronisation
     and peak-memory tracking. Returns per-contender medians, peaks, losses, FLOPs and the ratio.
@@ -216,7 +216,7 @@ def measure(config, rows, ops_config, device, dtype=torch.bfloat16, reps=10, war
         with torch.device(device):
             ours = Qwen3OmniMoeThinkerForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn)
         models = {"veomni_omni": (ours.train(), batch)}
-        if with_host:
+        if with_veomni:
             theirs = build_veomni_thinker(config, ops_config, ours.state_dict(), dtype=dtype, device=device)
             models["veomni"] = (theirs.train(), veomni_batch)
         peaks, losses = dict.fromkeys(models, 0), {}
@@ -238,7 +238,7 @@ def measure(config, rows, ops_config, device, dtype=torch.bfloat16, reps=10, war
             return run
 
         times = interleaved_times({name: step(name) for name in models}, reps=reps, warmup=warmup, log=log)
-        grad_diff = grad_parity(ours, models["veomni"][0]) if with_host else None
+        grad_diff = grad_parity(ours, models["veomni"][0]) if with_veomni else None
 
     med = {name: statistics.median(t) for name, t in times.items()}
     return {
@@ -246,7 +246,7 @@ def measure(config, rows, ops_config, device, dtype=torch.bfloat16, reps=10, war
         "peak_bytes": peaks if cuda else None,
         "loss": losses,
         "flops": flops,
-        "ratio": med["veomni_omni"] / med["veomni"] if with_host else None,
+        "ratio": med["veomni_omni"] / med["veomni"] if with_veomni else None,
         "max_rel_grad_diff": grad_diff,
         "params": sum(p.numel() for p in ours.parameters()),
         "experts_implementation": ours.config.get_text_config()._experts_implementation,
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     parser.add_argument("--vision-depth", type=int, default=6)
     parser.add_argument("--audio-layers", type=int, default=4)
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak dense bf16 TFLOP/s (default: by device name)")
-    parser.add_argument("--no-host", action="store_true", help="time veomni_omni only (skip VeOmni's model)")
+    parser.add_argument("--no-veomni", action="store_true", help="time veomni_omni only (skip VeOmni's model)")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     if not torch.cuda.is_available():
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     ops_config, have = gpu_ops_config()
     m = measure(
         config, gpu_mixed_rows(seq_len, config), ops_config, "cuda", torch.bfloat16, reps, warmup,
-        with_host=not args.no_host, log=None if args.json else print,
+        with_veomni=not args.no_veomni, log=None if args.json else print,
     )
 
     device_name = torch.cuda.get_device_name()
@@ -309,7 +309,7 @@ def main(argv=None) -> int:
             "benchmark": "gpu",
             "mfu": ours["mfu"],
             "tokens_per_s": ours["tokens_per_s"],
-            "ratio_vs_host": None if m["ratio"] is None else 1 / m["ratio"],  # tokens/s: ours / VeOmni's
+            "ratio_vs_veomni": None if m["ratio"] is None else 1 / m["ratio"],  # tokens/s: ours / VeOmni's
             "step_time_ratio": m["ratio"],
             "device": device_name,
             "peak_mem_gib": ours["peak_mem_gib"],

@@ -68,22 +68,19 @@ def measure_spec(config="cpu", batch="row", ep=1, sp=1, mixed_precision=True, gr
 
 
 def rank_batch(spec: dict, config, dp_rank: int, sp_rank: int) -> dict:
-    from veomni_omni.data.sequence_parallel import pack_rows, shard_for_sequence_parallel
-    from veomni_omni.data.shaped_batches import build_batch, concat_batches
+    from veomni_omni.data.shaped_batches import build_batch
 
-    from veomni_omni.bench.configs import realwidth_dp_batches
+    from veomni_omni.bench.configs import rank_share, realwidth_dp_batches
 
     if spec["batch"] == "row":  # one row per data-parallel rank, or both packed into one SP sequence
         batches = [build_batch([ROW], config, seed=seed, with_position_ids=True) for seed in range(RANKS)]
+        if spec["sp"] == 1:
+            return batches[dp_rank]  # padded, unpacked (as `plan --measure-cpu` has always measured it)
     elif spec["batch"] == "realwidth_packs":
         batches = realwidth_dp_batches(config)
     else:
         raise ValueError(f"unknown batch {spec['batch']!r}")
-    if spec["sp"] > 1:
-        return shard_for_sequence_parallel(pack_rows(concat_batches(batches)), config, spec["sp"], sp_rank)
-    if spec["batch"] == "row":
-        return batches[dp_rank]  # padded, unpacked (as `plan --measure-cpu` has always measured it)
-    return pack_rows(batches[dp_rank])
+    return rank_share(batches, config, spec["sp"], dp_rank, sp_rank)
 
 
 def _storage_bytes(tensors) -> int:

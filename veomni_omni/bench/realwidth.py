@@ -11,7 +11,7 @@ small `cpu_thinker_config` instead (a smoke run of the wiring in seconds).
 Sections (`--sections`, default all):
 - speed: one process, one model instance, forward + backward, interleaved rounds (median of per-round
   ratios): (a) patched vs unpatched HF (`overhead`'s method: the reference runs inside
-  `veomni_omni.unpatched()`); (b) ours vs VeOmni 0.1.12's generated model (`host`'s method), which
+  `veomni_omni.unpatched()`); (b) ours vs VeOmni 0.1.12's generated model (`veomni`'s method), which
   shares our parameter tensors (a second copy would not fit) and its own gradients freed after each
   step. The batch is the four samples as padded rows. Where ours is slower, one step of each under
   torch.profiler: the top ops by self CPU time.

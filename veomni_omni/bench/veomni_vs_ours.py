@@ -1,4 +1,4 @@
-"""host: veomni_omni's thinker vs VeOmni 0.1.12's own generated qwen3_omni_moe thinker.
+"""veomni: veomni_omni's thinker vs VeOmni 0.1.12's own generated qwen3_omni_moe thinker.
 
 VeOmni's model is the class its MODELING_REGISTRY gives for
 "Qwen3OmniMoeThinkerForConditionalGeneration" while veomni_omni is undone
@@ -15,23 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import statistics
 import sys
 
 import torch
 
-from .common import (
-    add_timing_args,
-    base_parser,
-    contention_note,
-    emit,
-    format_table,
-    interleaved_times,
-    machine_info,
-    quiet_veomni_logs,
-    ratio_summary,
-    set_threads,
-)
+from .common import fwd_bwd_step, interleaved_times, report_side_by_side, side_by_side_workload
 
 TARGET = 0.95
 VEOMNI_ARCHITECTURE = "Qwen3OmniMoeThinkerForConditionalGeneration"
@@ -158,85 +146,41 @@ def grad_parity(ours, theirs) -> float:
 
 
 def main(argv=None) -> int:
-    parser = base_parser(__doc__.splitlines()[0], "host")
-    add_timing_args(parser, reps=10)
-    args = parser.parse_args(argv)
-    set_threads(args.threads)
-
     from veomni_omni.integration.settings import eager_ops_config
 
-    from .configs import cpu_workload
-
-    quiet_veomni_logs()
-    config, ours, batch, reps, warmup = cpu_workload(args)
+    args, config, ours, batch, reps, warmup = side_by_side_workload(__doc__, "veomni", argv)
     ops_config = eager_ops_config()
     veomni_batch = to_veomni_inputs(batch, config)
 
     with veomni_ops(ops_config):
         theirs = build_veomni_thinker(config, ops_config, ours.state_dict()).train()
         losses = {}
-
-        def step(name, model, inputs):
-            def run():
-                model.zero_grad(set_to_none=True)
-                loss = model(**inputs).loss
-                loss.backward()
-                losses[name] = loss.item()
-
-            return run
-
-        contenders = {"veomni_omni": step("veomni_omni", ours, batch), "veomni": step("veomni", theirs, veomni_batch)}
+        contenders = {
+            "veomni_omni": fwd_bwd_step(losses, "veomni_omni", ours, batch),
+            "veomni": fwd_bwd_step(losses, "veomni", theirs, veomni_batch),
+        }
         times = interleaved_times(contenders, reps=reps, warmup=warmup, log=None if args.json else print, clock=args.clock)
         grad_diff = grad_parity(ours, theirs)
 
-    summary = ratio_summary(times["veomni_omni"], times["veomni"])
-    n_params = sum(p.numel() for p in ours.parameters())
-    tokens = int(batch["attention_mask"].sum())
     experts_impl = ours.config.get_text_config()._experts_implementation
-    print(
-        format_table(
-            ["contender", "model class", "experts", "median ms", "min ms", "max ms", "loss"],
-            [
-                ["veomni_omni", "transformers 5.22 + patches", experts_impl] + _stats(times["veomni_omni"]) + [losses["veomni_omni"]],
-                ["veomni", "VeOmni 0.1.12 generated (5.9)", f"moe={ops_config.moe_implementation} (loop)"]
-                + _stats(times["veomni"])
-                + [losses["veomni"]],
-            ],
-            title=(
-                f"host: fwd+bwd step, thinker {n_params / 1e6:.1f}M params, batch {tuple(batch['input_ids'].shape)} "
-                f"({tokens} tokens: text+image+audio), fp32, {torch.get_num_threads()} threads, {reps} interleaved rounds, {args.clock} clock"
-            ),
-        )
-    )
-    print(
-        f"ratio veomni_omni/veomni = {summary['ratio']:.3f} (median of per-round ratios; range "
-        f"{summary['ratio_min']:.3f}..{summary['ratio_max']:.3f}); target <= {TARGET}; "
-        f"loss equal: {abs(losses['veomni_omni'] - losses['veomni']):.2e} apart; max rel grad diff {grad_diff:.2e}"
-    )
-    machine = machine_info()
-    if contention_note(machine, args.clock):
-        print(contention_note(machine, args.clock))
-    emit(
-        {
-            "benchmark": "host",
-            **summary,
-            "target": TARGET,
-            "meets_target": summary["ratio"] <= TARGET,
-            "ms": {name: statistics.median(t) * 1e3 for name, t in times.items()},
-            "loss": losses,
+    return report_side_by_side(
+        "veomni",
+        args,
+        times,
+        losses,
+        ours,
+        batch,
+        reps,
+        TARGET,
+        columns=["model class", "experts"],
+        cells={
+            "veomni_omni": ["transformers 5.22 + patches", experts_impl],
+            "veomni": ["VeOmni 0.1.12 generated (5.9)", f"moe={ops_config.moe_implementation} (loop)"],
+        },
+        note=f"loss equal: {abs(losses['veomni_omni'] - losses['veomni']):.2e} apart; max rel grad diff {grad_diff:.2e}",
+        extra={
             "max_rel_grad_diff": grad_diff,
             "experts_implementation": {"veomni_omni": experts_impl, "veomni": ops_config.moe_implementation},
             "veomni_class": f"{type(theirs).__module__}.{type(theirs).__name__}",
-            "reps": reps,
-            "clock": args.clock,
-            "quick": args.quick,
-            "workload": {"params": n_params, "batch_shape": list(batch["input_ids"].shape), "tokens": tokens, "dtype": "float32"},
-            "machine": machine,
         },
-        args.json,
     )
-    return 0
-
-
-def _stats(t):
-    return [statistics.median(t) * 1e3, min(t) * 1e3, max(t) * 1e3]

@@ -105,3 +105,13 @@ def unpack_veomni_micro_batch(micro_batch: dict, config: Qwen3OmniMoeThinkerConf
     if left:
         raise ValueError(f"micro batch inputs without placeholder tokens: {left}")
     return samples
+
+
+def save_checkpoint(model: torch.nn.Module, path) -> None:
+    """`model` as a one-file checkpoint in `path`: its config and its weights (model.safetensors)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(path)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, Path(path) / "model.safetensors")
