@@ -1,6 +1,6 @@
 """Helpers for the tests only (production code never imports this package): one forward+backward with its
-gradients, whole parameters and gradients gathered from a parallelised model, and VeOmni's packed micro
-batches taken back apart into HF-layout samples."""
+gradients, whole parameters and gradients gathered from a parallelised model, VeOmni's packed micro
+batches taken back apart into HF-layout samples, and a model saved as a one-file checkpoint."""
 
 from __future__ import annotations
 
