@@ -20,6 +20,14 @@ TOKENS = dict(
 )
 TINY_VOCAB = 512
 FIRST_SPECIAL = 480  # plain text tokens are drawn from [1, FIRST_SPECIAL)
+# A thinker config's token-id fields, set to the tiny vocabulary's ids (any config the synthetic batches feed).
+THINKER_TOKEN_IDS = dict(
+    vision_start_token_id=TOKENS["vision_start"],
+    audio_start_token_id=TOKENS["audio_start"],
+    image_token_id=TOKENS["image"],
+    video_token_id=TOKENS["video"],
+    audio_token_id=TOKENS["audio"],
+)
 PATCH_DIM = 3 * 2 * 16 * 16  # channels · temporal_patch · patch²
 MEL_BINS = 128
 
@@ -64,12 +72,8 @@ def tiny_thinker_config(**text_overrides) -> Qwen3OmniMoeThinkerConfig:
             downsample_hidden_size=16,
             num_mel_bins=MEL_BINS,
         ),
-        vision_start_token_id=TOKENS["vision_start"],
-        audio_start_token_id=TOKENS["audio_start"],
-        image_token_id=TOKENS["image"],
-        video_token_id=TOKENS["video"],
-        audio_token_id=TOKENS["audio"],
         architectures=["Qwen3OmniMoeThinkerForConditionalGeneration"],
+        **THINKER_TOKEN_IDS,
     )
 
 

@@ -20,16 +20,7 @@ from typing import Optional
 from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeThinkerConfig
 
 from veomni_omni.data.shaped_batches import build_batch
-from veomni_omni.tiny import MEL_BINS, TOKENS
-
-_SPECIAL_IDS = dict(
-    vision_start_token_id=TOKENS["vision_start"],
-    audio_start_token_id=TOKENS["audio_start"],
-    image_token_id=TOKENS["image"],
-    video_token_id=TOKENS["video"],
-    audio_token_id=TOKENS["audio"],
-)
-
+from veomni_omni.tiny import MEL_BINS, THINKER_TOKEN_IDS, TOKENS
 
 def cpu_thinker_config(output_router_logits: bool = True) -> Qwen3OmniMoeThinkerConfig:
     """~25M parameters: 4 MoE layers (32 experts, top-4), a 4-block ViT with 3 deepstack levels,
@@ -71,7 +62,7 @@ def cpu_thinker_config(output_router_logits: bool = True) -> Qwen3OmniMoeThinker
             num_mel_bins=MEL_BINS,
         ),
         architectures=["Qwen3OmniMoeThinkerForConditionalGeneration"],
-        **_SPECIAL_IDS,
+        **THINKER_TOKEN_IDS,
     )
 
 
@@ -128,7 +119,7 @@ def real_thinker_config(
     if not all(0 <= i < vision["depth"] for i in vision["deepstack_visual_indexes"]):
         raise ValueError(f"deepstack_visual_indexes {vision['deepstack_visual_indexes']} outside a ViT of depth {vision['depth']}")
     text.update(output_router_logits=output_router_logits, pad_token_id=TOKENS["pad"])
-    thinker.update(_SPECIAL_IDS, architectures=["Qwen3OmniMoeThinkerForConditionalGeneration"])
+    thinker.update(THINKER_TOKEN_IDS, architectures=["Qwen3OmniMoeThinkerForConditionalGeneration"])
     return Qwen3OmniMoeThinkerConfig(**thinker)
 
 
