@@ -10,7 +10,7 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3Omni
 import veomni_omni
 from veomni_omni.data.samples import SampleTooLong, encode_sample
 from veomni_omni.data.sequence_parallel import pack_rows
-from veomni_omni.data.speech import SpeechTargetError, batch_speech_targets
+from veomni_omni.data.speech import SpeechTargetError
 from veomni_omni.testing import TINY_CODEBOOK, TINY_CODEC, TOKENS, concat_batches, tiny_omni_config
 
 LOGITS_RTOL = 1e-4
@@ -89,10 +89,10 @@ class ForceTokens(LogitsProcessor):
         return forced
 
 
-def _generate_forced(model, encoded: dict, turn: torch.Tensor, codes: torch.Tensor, speaker_name: str):
-    """HF's generate(return_audio=True) on the prompt before `turn`, forced along the turn's text and
-    codes: the talker's raw codebook-0 logits (frames + 1, V) and the code predictor's (frames, groups - 1, V)."""
-    opening, frames, _ = turn.tolist()
+def _generate_forced(model, encoded: dict, opening: int, frames: int, codes: torch.Tensor, speaker_name: str):
+    """HF's generate(return_audio=True) on the prompt before the turn opening at `opening`, forced along
+    the turn's text and codes: the talker's raw codebook-0 logits (frames + 1, V) and the code
+    predictor's (frames, groups - 1, V)."""
     ids = encoded["input_ids"]
     end = opening + 3 + int((ids[opening + 3 :] == TOKENS["im_end"]).nonzero()[0])
     prompt = ids[: opening + 3][None]
@@ -140,6 +140,15 @@ def _generate_forced(model, encoded: dict, turn: torch.Tensor, codes: torch.Tens
     return torch.cat(talker_runs[0].logits), torch.stack(predictor_logits)
 
 
+def _batch(encoded: list, layout: str) -> dict:
+    """Right-padded rows, or one packed row, of encoded samples (speech markers included)."""
+    rows = [{k: (v[None] if v.ndim == 1 and k not in ("talker_codes",) and k != "video_second_per_grid" else v)
+             for k, v in e.items() if k != "position_ids" and torch.is_tensor(v)} for e in encoded]
+    batch = concat_batches(rows)
+    batch["position_ids"] = torch.nn.utils.rnn.pad_sequence([e["position_ids"].T for e in encoded], batch_first=True).permute(2, 0, 1)
+    return pack_rows(batch) if layout == "packed" else batch
+
+
 def _relative(got, ref):
     return float((got - ref).abs().max() / ref.abs().max())
 
@@ -147,17 +156,7 @@ def _relative(got, ref):
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_training_logits_equal_hf_generate_forced_along_the_same_codes(processor, omni_config, omni_model, layout):
     encoded = [encode_sample({"messages": s}, processor, omni_config) for s in _samples()]
-    batch = concat_batches([{k: (v[None] if k in ("input_ids", "attention_mask", "labels") else v) for k, v in e.items()
-                            if k not in ("talker_codes", "talker_turns", "position_ids")} for e in encoded])
-    batch["position_ids"] = torch.nn.utils.rnn.pad_sequence([e["position_ids"].T for e in encoded], batch_first=True).permute(2, 0, 1)
-    if layout == "packed":
-        batch = pack_rows(batch)
-        starts = np.cumsum([0] + [len(e["input_ids"]) for e in encoded[:-1]]).tolist()
-        placements = [(0, start) for start in starts]
-    else:
-        placements = [(row, 0) for row in range(len(encoded))]
-    batch.update(batch_speech_targets(encoded, placements))
-    batch.pop("use_audio_in_video", None)
+    batch = _batch(encoded, layout)
     batch.pop("labels")
 
     with torch.no_grad():
@@ -169,11 +168,12 @@ def test_training_logits_equal_hf_generate_forced_along_the_same_codes(processor
     with veomni_omni.unpatched():
         for sample in encoded:
             first = 0
-            for turn in sample["talker_turns"]:
-                frames = int(turn[1])
+            for opening in sample["talker_frames"].nonzero().flatten().tolist():
+                frames = int(sample["talker_frames"][opening])
                 codes = sample["talker_codes"][:, first : first + frames]
                 first += frames
-                talker_ref, predictor_ref = _generate_forced(omni_model, sample, turn, codes, names[int(turn[2])])
+                speaker = names[int(sample["talker_speakers"][opening])]
+                talker_ref, predictor_ref = _generate_forced(omni_model, sample, opening, frames, codes, speaker)
                 talker_got, predictor_got = out.talker_logits[turn_index], out.code_predictor_logits[turn_index]
                 assert talker_got.shape == talker_ref.shape == (frames + 1, TINY_CODEC["vocab"])
                 assert predictor_got.shape == predictor_ref.shape == (frames, GROUPS - 1, TINY_CODEBOOK)
@@ -181,3 +181,132 @@ def test_training_logits_equal_hf_generate_forced_along_the_same_codes(processor
                 assert _relative(predictor_got, predictor_ref) < LOGITS_RTOL, (layout, turn_index, _relative(predictor_got, predictor_ref))
                 turn_index += 1
     assert turn_index == len(out.talker_logits) == 3
+
+
+# ------------------------------------------------------------------------------------ data
+def _spoken(speech, role="assistant"):
+    chat = [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hi there"}]
+    chat[0 if role == "user" else 1]["speech"] = speech
+    return {"messages": chat}
+
+
+@pytest.mark.parametrize(
+    "speech, message",
+    [
+        ({"codes": _codes(0, 4)[:3], "speaker": "ethan"}, r"shape \(3, 4\); the talker takes \(4, frames\)"),
+        ({"codes": np.zeros((GROUPS, 0), dtype=np.int64), "speaker": "ethan"}, r"frames ≥ 1"),
+        ({"codes": np.full((GROUPS, 2), TINY_CODEBOOK), "speaker": "ethan"}, rf"outside the codebook \[0, {TINY_CODEBOOK}\)"),
+        ({"codes": -np.ones((GROUPS, 2), dtype=np.int64), "speaker": "ethan"}, r"outside the codebook"),
+        ({"codes": np.zeros((GROUPS, 2), dtype=np.float32), "speaker": "ethan"}, r"must be integers"),
+        ({"codes": _codes(0, 2), "speaker": "nobody"}, r"unknown speaker 'nobody'"),
+        ({"codes": _codes(0, 2)}, r"speech takes 'codes' and 'speaker'"),
+        ({"codes": _codes(0, 2), "speaker": "ethan", "rate": 12}, r"speech takes 'codes' and 'speaker'"),
+        ({"codes": "codes.wav", "speaker": "ethan"}, r"expected a .npy or .pt file"),
+    ],
+)
+def test_bad_speech_targets_are_refused(processor, omni_config, speech, message):
+    with pytest.raises(SpeechTargetError, match=message):
+        encode_sample(_spoken(speech), processor, omni_config)
+
+
+def test_speech_only_on_assistant_turns_and_with_a_talker(processor, omni_config):
+    with pytest.raises(SpeechTargetError, match=r"message 0 \(user\) carries speech"):
+        encode_sample(_spoken(_speech(0, 2), role="user"), processor, omni_config)
+    with pytest.raises(SpeechTargetError, match="the model config has no talker"):
+        encode_sample(_spoken(_speech(0, 2)), processor, omni_config.thinker_config)
+
+
+def test_codes_from_npy_and_pt_files_land_at_their_turn(processor, omni_config, tmp_path):
+    codes = _codes(1, 3)
+    np.save(tmp_path / "a.npy", codes)
+    torch.save(torch.as_tensor(codes[:, :2]), tmp_path / "b.pt")
+    chat = [
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "first", "speech": {"codes": "a.npy", "speaker": "Chelsie"}},
+        {"role": "user", "content": "two"},
+        {"role": "assistant", "content": "no speech here"},
+        {"role": "user", "content": "three"},
+        {"role": "assistant", "content": "third", "speech": {"codes": str(tmp_path / "b.pt"), "speaker": "aiden"}},
+    ]
+    out = encode_sample({"messages": chat}, processor, omni_config, media_root=str(tmp_path))
+    ids = out["input_ids"]
+    openings = out["talker_frames"].nonzero().flatten().tolist()
+    assert [int(out["talker_frames"][p]) for p in openings] == [3, 2]
+    assert [int(out["talker_speakers"][p]) for p in openings] == [TINY_CODEC["speakers"]["chelsie"], TINY_CODEC["speakers"]["aiden"]]
+    assert all(ids[p] == TOKENS["im_start"] and ids[p + 1] == TOKENS["assistant"] for p in openings)
+    assert len((ids == TOKENS["im_start"]).nonzero()) == 6  # the unspoken assistant turn has no marker
+    assert torch.equal(out["talker_codes"], torch.cat([torch.as_tensor(codes), torch.as_tensor(codes[:, :2])], dim=1))
+
+
+def test_a_sample_with_speech_is_never_truncated(processor, omni_config):
+    sample = _spoken(_speech(0, 2))
+    length = len(encode_sample(sample, processor, omni_config)["input_ids"])
+    with pytest.raises(SampleTooLong, match="a sample with speech is never truncated"):
+        encode_sample(sample, processor, omni_config, max_tokens=length - 1, overflow="truncate")
+
+
+def test_veomni_transform_refuses_speech_until_its_collator_carries_it(processor, omni_config):
+    from veomni_omni.data.veomni_transform import veomni_layout
+
+    encoded = encode_sample(_spoken(_speech(0, 2)), processor, omni_config)
+    with pytest.raises(ValueError, match="talker training does not run through VeOmni's trainer yet"):
+        veomni_layout(encoded)
+
+
+# ------------------------------------------------------------------------------- training
+def _grads(model):
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def test_frozen_thinker_trains_only_the_talker_and_joint_training_adds_the_text_loss(processor, omni_config):
+    torch.manual_seed(1)
+    model = Qwen3OmniMoeForConditionalGeneration(omni_config)
+    batch = _batch([encode_sample({"messages": s}, processor, omni_config) for s in _samples()], "packed")
+
+    frozen = model(**batch)  # labels are ignored: the thinker is frozen by default
+    frozen.loss.backward()
+    grads = _grads(model)
+    assert frozen.thinker_loss is None
+    assert torch.allclose(frozen.loss, frozen.talker_loss + frozen.code_predictor_loss)
+    assert all(g is None for n, g in grads.items() if n.startswith("thinker."))
+    trained = [n for n, g in grads.items() if g is not None and g.abs().sum() > 0]
+    for part in ("talker.model.", "talker.codec_head", "talker.text_projection", "talker.hidden_projection",
+                 "talker.code_predictor.model.", "talker.code_predictor.lm_head"):
+        assert any(n.startswith(part) for n in trained), part
+    assert not any(n.startswith("code2wav.") for n in trained)
+
+    model.zero_grad(set_to_none=True)
+    joint = model(**batch, train_thinker=True)
+    joint.loss.backward()
+    assert torch.allclose(joint.talker_loss, frozen.talker_loss) and torch.allclose(joint.code_predictor_loss, frozen.code_predictor_loss)
+    text_only = model.thinker(**{k: v for k, v in batch.items() if not k.startswith("talker_")}).loss
+    assert torch.allclose(joint.thinker_loss, text_only)
+    assert torch.allclose(joint.loss, joint.thinker_loss + joint.talker_loss + joint.code_predictor_loss)
+    assert model.thinker.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="give labels"):
+        model(**{k: v for k, v in batch.items() if k != "labels"}, train_thinker=True)
+
+
+def test_a_batch_without_spoken_turns_still_runs_the_talker_with_zero_loss(processor, omni_config):
+    torch.manual_seed(2)
+    model = Qwen3OmniMoeForConditionalGeneration(omni_config)
+    encoded = encode_sample({"messages": _samples()[0][:2] + [{"role": "assistant", "content": "silent"}]}, processor, omni_config)
+    batch = _batch([encoded], "padded")
+    batch.update(talker_codes=torch.zeros(GROUPS, 0, dtype=torch.long), talker_frames=torch.zeros_like(batch["input_ids"]),
+                 talker_speakers=torch.zeros_like(batch["input_ids"]))
+    out = model(**batch)
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and out.talker_logits == []
+    grads = _grads(model)
+    assert grads["talker.codec_head.weight"] is not None and grads["talker.codec_head.weight"].abs().sum() == 0
+    assert grads["talker.model.layers.0.self_attn.q_proj.weight"] is not None
+    assert grads["talker.code_predictor.lm_head.0.weight"] is not None
+
+
+def test_bad_speech_batches_are_refused(processor, omni_config, omni_model):
+    batch = _batch([encode_sample({"messages": _samples()[2]}, processor, omni_config)], "padded")
+    with pytest.raises(ValueError, match=r"talker_codes \(4, 2\) must be \(4, Σ talker_frames = 3\)"):
+        omni_model(**{**batch, "talker_codes": batch["talker_codes"][:, :2]})
+    moved = torch.roll(batch["talker_frames"], 1, dims=1)
+    with pytest.raises(ValueError, match="no '<\\|im_start\\|>assistant' there"):
+        omni_model(**{**batch, "talker_frames": moved, "talker_speakers": torch.roll(batch["talker_speakers"], 1, dims=1)})

@@ -405,6 +405,11 @@ def concat_batches(batches: list[dict]) -> dict:
         "attention_mask": torch.cat([pad(b["attention_mask"], 0) for b in batches]),
         "labels": torch.cat([pad(b["labels"], -100) for b in batches]),
     }
+    for key in ("talker_frames", "talker_speakers"):  # speech markers, aligned with the tokens
+        if any(key in b for b in batches):
+            merged[key] = torch.cat([pad(b[key] if key in b else torch.zeros_like(b["input_ids"]), 0) for b in batches])
+    if any("talker_codes" in b for b in batches):
+        merged["talker_codes"] = torch.cat([b["talker_codes"] for b in batches if "talker_codes" in b], dim=1)
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "video_second_per_grid"):
         parts = [b[key] for b in batches if key in b]
         if parts:

@@ -11,7 +11,7 @@
     pixel_values_videos, video_grid_thw (n, 3), video_second_per_grid (n,)  if videos
     input_features (clips, 128, frames), feature_attention_mask (clips, frames)  if audio
     use_audio_in_video bool
-    talker_codes (groups, Σ frames), talker_turns (turns, 3)                 if assistant turns carry speech (speech.py)
+    talker_codes (groups, Σ frames), talker_frames (S,), talker_speakers (S,)   if assistant turns carry speech (speech.py)
 
 Assistant spans come from the chat structure: the template is rendered for every conversation
 prefix, and an assistant message's trained text is what rendering it appends after the generation

@@ -10,7 +10,11 @@ is code2wav's codebook (2048 in the release; the talker's own codec ids above it
 `generate(speaker=...)`). The encoded sample then holds (see `encode_sample`):
 
     talker_codes (groups, Σ frames) long   the spoken turns' codes, in turn order
-    talker_turns (turns, 3) long           per spoken turn: position of its <|im_start|>, frames, speaker id
+    talker_frames (S,) long                at each spoken turn's <|im_start|>: its frames; 0 elsewhere
+    talker_speakers (S,) long              there: its speaker id; 0 elsewhere
+
+The markers are aligned with the tokens, so packing, padding and concatenating samples (VeOmni's
+collator included) keep them with their turns, and the codes in the order of the turns.
 
 Anything else — speech on a user or system turn, a wrong number of code groups, codes out of range,
 an unknown speaker, a spoken turn without text — raises `SpeechTargetError`.
@@ -24,7 +28,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-__all__ = ["SpeechTargetError", "batch_speech_targets", "load_codes", "speech_targets", "spoken_turns"]
+__all__ = ["SpeechTargetError", "load_codes", "speech_targets", "spoken_turns"]
 
 
 class SpeechTargetError(ValueError):
@@ -93,7 +97,8 @@ def _codebook_size(talker_config) -> int:
 
 
 def spoken_turns(input_ids: torch.Tensor, labels: torch.Tensor, targets: list, ids: dict) -> dict:
-    """`talker_codes` and `talker_turns` of an encoded sample, from its per-assistant-message targets.
+    """`talker_codes`, `talker_frames` and `talker_speakers` of an encoded sample, from its per-assistant-
+    message targets.
 
     Assistant turns are the runs of trained labels (each "text<|im_end|>", in message order); the turn
     opens 3 tokens before its run with "<|im_start|>assistant\\n", which is where HF's generate starts
@@ -108,7 +113,7 @@ def spoken_turns(input_ids: torch.Tensor, labels: torch.Tensor, targets: list, i
             start = None
     if len(runs) != len(targets):
         raise SpeechTargetError(f"{len(targets)} assistant messages but {len(runs)} trained spans in the encoded sample")
-    codes, turns = [], []
+    codes, frames, speakers = [], torch.zeros_like(input_ids), torch.zeros_like(input_ids)
     for (first, end), target in zip(runs, targets):
         if target is None:
             continue
@@ -122,26 +127,7 @@ def spoken_turns(input_ids: torch.Tensor, labels: torch.Tensor, targets: list, i
             raise SpeechTargetError("a spoken assistant turn has no text: the talker speaks the turn's text")
         turn_codes, speaker = target
         codes.append(turn_codes)
-        turns.append([opening, turn_codes.shape[1], speaker])
-    if not turns:
+        frames[opening], speakers[opening] = turn_codes.shape[1], speaker
+    if not codes:
         return {}
-    return {"talker_codes": torch.cat(codes, dim=1), "talker_turns": torch.tensor(turns, dtype=torch.long)}
-
-
-def batch_speech_targets(samples: list[dict], placements: list[tuple[int, int]]) -> dict:
-    """The model's speech keys for a batch of encoded samples, sample i placed at (row, offset)
-    (a padded batch: (i, 0); one packed row: (0, tokens before it)): `talker_codes` (groups, Σ frames)
-    and `talker_turns` (turns, 4) [row, position of <|im_start|>, frames, speaker id]."""
-    if len(samples) != len(placements):
-        raise ValueError(f"{len(samples)} samples but {len(placements)} placements")
-    codes, turns = [], []
-    for sample, (row, offset) in zip(samples, placements):
-        if "talker_turns" not in sample:
-            continue
-        codes.append(sample["talker_codes"])
-        shifted = sample["talker_turns"].clone()
-        shifted[:, 0] += offset
-        turns.append(torch.cat((shifted.new_full((len(shifted), 1), row), shifted), dim=1))
-    if not turns:
-        return {}
-    return {"talker_codes": torch.cat(codes, dim=1), "talker_turns": torch.cat(turns)}
+    return {"talker_codes": torch.cat(codes, dim=1), "talker_frames": frames, "talker_speakers": speakers}

@@ -110,17 +110,19 @@ def _segments(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], c
     return [[(0, int(n))] for n in lengths]
 
 
-def _turns(model, input_ids, segments, talker_codes, talker_turns) -> list[_Turn]:
+def _turns(model, input_ids, segments, talker_codes, talker_frames, talker_speakers) -> list[_Turn]:
+    """The spoken turns, row by row, left to right: where the markers are, as the codes are ordered."""
     config = model.config
-    if talker_turns.ndim != 2 or talker_turns.shape[1] != 4:
-        raise ValueError(f"talker_turns must be (turns, 4) [row, position of <|im_start|>, frames, speaker id]; got {tuple(talker_turns.shape)}")
-    groups = config.talker_config.num_code_groups
-    if talker_codes.ndim != 2 or talker_codes.shape[0] != groups or talker_codes.shape[1] != int(talker_turns[:, 2].sum()):
+    if talker_frames.shape != input_ids.shape or talker_speakers.shape != input_ids.shape:
         raise ValueError(
-            f"talker_codes {tuple(talker_codes.shape)} must be ({groups}, Σ frames = {int(talker_turns[:, 2].sum())})"
+            f"talker_frames {tuple(talker_frames.shape)} and talker_speakers {tuple(talker_speakers.shape)} must be "
+            f"aligned with input_ids {tuple(input_ids.shape)}"
         )
+    groups, total = config.talker_config.num_code_groups, int(talker_frames.sum())
+    if talker_codes.ndim != 2 or talker_codes.shape[0] != groups or talker_codes.shape[1] != total:
+        raise ValueError(f"talker_codes {tuple(talker_codes.shape)} must be ({groups}, Σ talker_frames = {total})")
     turns, first_frame = [], 0
-    for row, opening, frames, speaker in talker_turns.tolist():
+    for row, opening in talker_frames.nonzero().tolist():
         ids = input_ids[row]
         start, stop = next(((a, b) for a, b in segments[row] if a <= opening < b), (None, None))
         if start is None or opening + ASSISTANT_PREFIX >= stop:
@@ -132,6 +134,7 @@ def _turns(model, input_ids, segments, talker_codes, talker_turns) -> list[_Turn
             raise ValueError(f"spoken turn at row {row} position {opening}: no text, or no <|im_end|> in its sample")
         openings = ((ids[start:opening] == config.im_start_token_id).nonzero().flatten() + start).tolist() + [opening]
         users = [torch.arange(a, b) for a, b in zip(openings[:-1], openings[1:]) if int(ids[a + 1]) == config.user_token_id]
+        frames = int(talker_frames[row, opening])
         turns.append(
             _Turn(
                 row=row,
@@ -139,7 +142,7 @@ def _turns(model, input_ids, segments, talker_codes, talker_turns) -> list[_Turn
                 end=opening + ASSISTANT_PREFIX + int(ends[0]),
                 users=torch.cat(users) if users else torch.zeros(0, dtype=torch.long),
                 codes=talker_codes[:, first_frame : first_frame + frames],
-                speaker=speaker,
+                speaker=int(talker_speakers[row, opening]),
             )
         )
         first_frame += frames
@@ -254,16 +257,18 @@ def speech_training_forward(
     model,
     input_ids: torch.LongTensor,
     talker_codes: torch.LongTensor,
-    talker_turns: torch.LongTensor,
+    talker_frames: torch.LongTensor,
+    talker_speakers: torch.LongTensor,
     attention_mask: Optional[torch.Tensor] = None,
     labels: Optional[torch.LongTensor] = None,
     train_thinker: bool = False,
     **thinker_inputs,
 ) -> SpeechTrainingOutput:
     """The loss of speaking every spoken turn of the batch (module doc), on a `Qwen3OmniMoeForConditionalGeneration`
-    with its talker. `talker_turns` (turns, 4): [row, position of the turn's <|im_start|>, frames, speaker id];
-    `talker_codes` (groups, Σ frames) in turn order; the other inputs are the thinker's (a packed row with
-    `cu_seq_lens_q`, or right-padded rows)."""
+    with its talker. `talker_frames` / `talker_speakers` (like input_ids): at each spoken turn's <|im_start|>,
+    its frames / speaker id, 0 elsewhere; `talker_codes` (groups, Σ frames) in the order of the turns (row by
+    row, left to right). The other inputs are the thinker's (a packed row with `cu_seq_lens_q`, or
+    right-padded rows)."""
     if not getattr(model, "has_talker", False):
         raise ValueError("speech training needs the talker: build the model with enable_audio_output (or call enable_talker())")
     if train_thinker and labels is None:
@@ -273,7 +278,7 @@ def speech_training_forward(
     thinker, talker = model.thinker, model.talker
     tcfg = model.config.talker_config
     segments = _segments(input_ids, attention_mask, thinker_inputs.get("cu_seq_lens_q"))
-    turns = _turns(model, input_ids, segments, talker_codes, talker_turns)
+    turns = _turns(model, input_ids, segments, talker_codes, talker_frames, talker_speakers)
     media, listed = _media_of(model, input_ids, thinker_inputs)
 
     thinker_loss = None
