@@ -310,3 +310,46 @@ def test_bad_speech_batches_are_refused(processor, omni_config, omni_model):
     moved = torch.roll(batch["talker_frames"], 1, dims=1)
     with pytest.raises(ValueError, match="no '<\\|im_start\\|>assistant' there"):
         omni_model(**{**batch, "talker_frames": moved, "talker_speakers": torch.roll(batch["talker_speakers"], 1, dims=1)})
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_a_trained_talker_is_exported_in_the_released_layout_and_generate_speaks_with_it(processor, omni_config, tmp_path):
+    from safetensors import safe_open
+
+    from veomni_omni.checkpoint.hf import save_hf_checkpoint
+    from veomni_omni.checkpoint.safetensors_io import read_checkpoint
+
+    torch.manual_seed(3)
+    model = Qwen3OmniMoeForConditionalGeneration(omni_config)
+    model.save_pretrained(tmp_path / "src")
+    encoded = [encode_sample({"messages": s}, processor, omni_config) for s in _samples()]
+    batch = _batch(encoded, "packed")
+    optimizer = torch.optim.SGD(model.talker.parameters(), lr=0.5)
+    for _ in range(3):  # the thinker is frozen by default: only the talker moves
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    out = save_hf_checkpoint(model, tmp_path / "out", source=tmp_path / "src")
+
+    source, saved = read_checkpoint(tmp_path / "src"), read_checkpoint(out)
+    assert {k: (e.shape, e.dtype) for k, e in saved.items()} == {k: (e.shape, e.dtype) for k, e in source.items()}
+
+    def tensor(entries, key):
+        with safe_open(str(entries[key].file), "pt") as f:
+            return f.get_tensor(key)
+
+    moved = [k for k in source if k.startswith("talker.") and not torch.equal(tensor(source, k), tensor(saved, k))]
+    assert any(".mlp.experts." in k for k in moved) and any(k.startswith("talker.code_predictor.") for k in moved)
+    assert all(torch.equal(tensor(source, k), tensor(saved, k)) for k in source if not k.startswith("talker."))
+
+    sample = encoded[0]
+    opening = int(sample["talker_frames"].nonzero()[0])
+    frames = int(sample["talker_frames"][opening])
+    codes = sample["talker_codes"][:, :frames]
+    with veomni_omni.unpatched():
+        trained = _generate_forced(model.eval(), sample, opening, frames, codes, "chelsie")
+        loaded = _generate_forced(Qwen3OmniMoeForConditionalGeneration.from_pretrained(out).eval(), sample, opening, frames, codes, "chelsie")
+        before = _generate_forced(Qwen3OmniMoeForConditionalGeneration.from_pretrained(tmp_path / "src").eval(), sample, opening, frames, codes, "chelsie")
+    for got, ref, old in zip(loaded, trained, before):
+        assert torch.equal(got, ref)
+        assert _relative(old, ref) > 1e-2  # the exported talker is the trained one, not the source's
