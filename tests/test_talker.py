@@ -274,6 +274,7 @@ def test_frozen_thinker_trains_only_the_talker_and_joint_training_adds_the_text_
                  "talker.code_predictor.model.", "talker.code_predictor.lm_head"):
         assert any(n.startswith(part) for n in trained), part
     assert not any(n.startswith("code2wav.") for n in trained)
+    assert all(p.grad is not None for p in model.talker.parameters())
 
     model.zero_grad(set_to_none=True)
     joint = model(**batch, train_thinker=True)
@@ -297,10 +298,9 @@ def test_a_batch_without_spoken_turns_still_runs_the_talker_with_zero_loss(proce
     out = model(**batch)
     out.loss.backward()
     assert out.loss.item() == 0.0 and out.talker_logits == []
-    grads = _grads(model)
-    assert grads["talker.codec_head.weight"] is not None and grads["talker.codec_head.weight"].abs().sum() == 0
-    assert grads["talker.model.layers.0.self_attn.q_proj.weight"] is not None
-    assert grads["talker.code_predictor.lm_head.0.weight"] is not None
+    untouched = [name for name, grad in _grads(model).items() if name.startswith("talker.") and grad is None]
+    assert not untouched  # every talker parameter takes part, as on a rank with speech
+    assert all(p.grad.abs().sum() == 0 for p in model.talker.parameters())
 
 
 def test_bad_speech_batches_are_refused(processor, omni_config, omni_model):

@@ -297,7 +297,7 @@ def speech_training_forward(
     multimodal = (input_ids == thinker_ids.audio_token_id) | (input_ids == thinker_ids.image_token_id) | (input_ids == thinker_ids.video_token_id)
 
     if not turns:  # a rank without speech still runs the talker, so every rank issues the same collectives
-        return _without_speech(model, thinker_loss, specials)
+        return _without_speech(model, hidden, thinker_loss, specials)
 
     sequences, rope, prefixes = zip(*(_talker_sequence(model, turn, input_ids, embeds, hidden, multimodal, specials) for turn in turns))
     longest = max(len(s) for s in sequences)
@@ -326,7 +326,9 @@ def speech_training_forward(
 
     talker_loss = _token_mean_cross_entropy(torch.cat(talker_logits), torch.cat(talker_targets))
     predictor_loss = _token_mean_cross_entropy(predictor_logits, torch.cat(predictor_targets))
-    loss = talker_loss + predictor_loss + (thinker_loss if thinker_loss is not None else 0)
+    # hidden_projection only sees user-turn media; without any it still runs, so every rank reduces its gradient
+    idle = 0.0 * talker.hidden_projection(hidden[0, :1]).sum()
+    loss = talker_loss + predictor_loss + idle + (thinker_loss if thinker_loss is not None else 0)
     return SpeechTrainingOutput(
         loss=loss,
         thinker_loss=thinker_loss,
@@ -337,14 +339,15 @@ def speech_training_forward(
     )
 
 
-def _without_speech(model, thinker_loss, specials) -> SpeechTrainingOutput:
-    """A batch without spoken turns: the talker and code predictor run on one frame and add 0 × their
-    outputs, so their parameters get (zero) gradients like every other rank's."""
-    talker = model.talker
-    tts_bos = specials[0]
-    state = talker.model(inputs_embeds=tts_bos[None], use_cache=False).last_hidden_state
-    predicted = talker.code_predictor.model(inputs_embeds=state.expand(-1, 2, -1), use_cache=False).last_hidden_state
-    touch = talker.codec_head(state).sum() + sum(head(predicted).sum() for head in talker.code_predictor.lm_head)
-    zero = touch * 0.0
+def _without_speech(model, hidden, thinker_loss, specials) -> SpeechTrainingOutput:
+    """A batch without spoken turns: one made-up frame runs through every part of the talker and code
+    predictor, times 0, so their parameters get (zero) gradients like every other rank's."""
+    talker, predictor = model.talker, model.talker.code_predictor
+    code = torch.zeros(1, dtype=torch.long, device=specials[0].device)
+    frame = specials[0] + talker.get_input_embeddings()(code) + sum(embedding(code) for embedding in predictor.get_input_embeddings())
+    frame = frame + talker.hidden_projection(hidden[0, :1]).to(frame.dtype)
+    state = talker.model(inputs_embeds=frame[None], use_cache=False).last_hidden_state
+    predicted = predictor.model(inputs_embeds=state.expand(-1, 2, -1), use_cache=False).last_hidden_state
+    zero = (talker.codec_head(state).sum() + sum(head(predicted).sum() for head in predictor.lm_head)) * 0.0
     loss = zero + (thinker_loss if thinker_loss is not None else 0)
     return SpeechTrainingOutput(loss=loss, thinker_loss=thinker_loss, talker_loss=zero, code_predictor_loss=zero, talker_logits=[], code_predictor_logits=[])
