@@ -142,8 +142,8 @@ def _generate_forced(model, encoded: dict, opening: int, frames: int, codes: tor
 
 def _batch(encoded: list, layout: str) -> dict:
     """Right-padded rows, or one packed row, of encoded samples (speech markers included)."""
-    rows = [{k: (v[None] if v.ndim == 1 and k not in ("talker_codes",) and k != "video_second_per_grid" else v)
-             for k, v in e.items() if k != "position_ids" and torch.is_tensor(v)} for e in encoded]
+    aligned = ("input_ids", "attention_mask", "labels", "talker_frames", "talker_speakers")  # one row each
+    rows = [{k: (v[None] if k in aligned else v) for k, v in e.items() if k != "position_ids" and torch.is_tensor(v)} for e in encoded]
     batch = concat_batches(rows)
     batch["position_ids"] = torch.nn.utils.rnn.pad_sequence([e["position_ids"].T for e in encoded], batch_first=True).permute(2, 0, 1)
     return pack_rows(batch) if layout == "packed" else batch
@@ -161,7 +161,8 @@ def test_training_logits_equal_hf_generate_forced_along_the_same_codes(processor
 
     with torch.no_grad():
         out = omni_model(**batch)
-    assert torch.isfinite(out.loss) and out.thinker_loss is None
+    assert sorted(out.loss) == ["code_predictor_loss", "talker_loss"] and out.thinker_loss is None
+    assert all(torch.isfinite(loss) for loss in out.loss.values())
 
     names = {v: k for k, v in TINY_CODEC["speakers"].items()}
     turn_index = 0
@@ -264,10 +265,10 @@ def test_frozen_thinker_trains_only_the_talker_and_joint_training_adds_the_text_
     batch = _batch([encode_sample({"messages": s}, processor, omni_config) for s in _samples()], "packed")
 
     frozen = model(**batch)  # labels are ignored: the thinker is frozen by default
-    frozen.loss.backward()
+    sum(frozen.loss.values()).backward()
     grads = _grads(model)
     assert frozen.thinker_loss is None
-    assert torch.allclose(frozen.loss, frozen.talker_loss + frozen.code_predictor_loss)
+    assert frozen.loss == {"talker_loss": frozen.talker_loss, "code_predictor_loss": frozen.code_predictor_loss}
     assert all(g is None for n, g in grads.items() if n.startswith("thinker."))
     trained = [n for n, g in grads.items() if g is not None and g.abs().sum() > 0]
     for part in ("talker.model.", "talker.codec_head", "talker.text_projection", "talker.hidden_projection",
@@ -278,11 +279,11 @@ def test_frozen_thinker_trains_only_the_talker_and_joint_training_adds_the_text_
 
     model.zero_grad(set_to_none=True)
     joint = model(**batch, train_thinker=True)
-    joint.loss.backward()
+    sum(joint.loss.values()).backward()
     assert torch.allclose(joint.talker_loss, frozen.talker_loss) and torch.allclose(joint.code_predictor_loss, frozen.code_predictor_loss)
     text_only = model.thinker(**{k: v for k, v in batch.items() if not k.startswith("talker_")}).loss
     assert torch.allclose(joint.thinker_loss, text_only)
-    assert torch.allclose(joint.loss, joint.thinker_loss + joint.talker_loss + joint.code_predictor_loss)
+    assert joint.loss["foundation_loss"] is joint.thinker_loss  # VeOmni's name for the text loss
     assert model.thinker.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="give labels"):
         model(**{k: v for k, v in batch.items() if k != "labels"}, train_thinker=True)
@@ -296,8 +297,8 @@ def test_a_batch_without_spoken_turns_still_runs_the_talker_with_zero_loss(proce
     batch.update(talker_codes=torch.zeros(GROUPS, 0, dtype=torch.long), talker_frames=torch.zeros_like(batch["input_ids"]),
                  talker_speakers=torch.zeros_like(batch["input_ids"]))
     out = model(**batch)
-    out.loss.backward()
-    assert out.loss.item() == 0.0 and out.talker_logits == []
+    sum(out.loss.values()).backward()
+    assert all(loss.item() == 0.0 for loss in out.loss.values()) and out.talker_logits == []
     untouched = [name for name, grad in _grads(model).items() if name.startswith("talker.") and grad is None]
     assert not untouched  # every talker parameter takes part, as on a rank with speech
     assert all(p.grad.abs().sum() == 0 for p in model.talker.parameters())
@@ -307,6 +308,11 @@ def test_bad_speech_batches_are_refused(processor, omni_config, omni_model):
     batch = _batch([encode_sample({"messages": _samples()[2]}, processor, omni_config)], "padded")
     with pytest.raises(ValueError, match=r"talker_codes \(4, 2\) must be \(4, Σ talker_frames = 3\)"):
         omni_model(**{**batch, "talker_codes": batch["talker_codes"][:, :2]})
+    assert batch["talker_labels"].tolist() == batch["talker_codes"][0].tolist() + [TINY_CODEC["eos"]]
+    with pytest.raises(ValueError, match="talker_labels .* are not the targets talker_codes make"):
+        omni_model(**{**batch, "talker_labels": batch["talker_labels"].flip(0)})
+    with pytest.raises(ValueError, match="code_predictor_labels .* are not the targets"):
+        omni_model(**{**batch, "code_predictor_labels": batch["code_predictor_labels"][1:]})
     moved = torch.roll(batch["talker_frames"], 1, dims=1)
     with pytest.raises(ValueError, match="no '<\\|im_start\\|>assistant' there"):
         omni_model(**{**batch, "talker_frames": moved, "talker_speakers": torch.roll(batch["talker_speakers"], 1, dims=1)})
@@ -326,7 +332,7 @@ def test_a_trained_talker_is_exported_in_the_released_layout_and_generate_speaks
     batch = _batch(encoded, "packed")
     optimizer = torch.optim.SGD(model.talker.parameters(), lr=0.5)
     for _ in range(3):  # the thinker is frozen by default: only the talker moves
-        model(**batch).loss.backward()
+        sum(model(**batch).loss.values()).backward()
         optimizer.step()
         optimizer.zero_grad()
     out = save_hf_checkpoint(model, tmp_path / "out", source=tmp_path / "src")

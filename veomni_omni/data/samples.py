@@ -11,7 +11,7 @@
     pixel_values_videos, video_grid_thw (n, 3), video_second_per_grid (n,)  if videos
     input_features (clips, 128, frames), feature_attention_mask (clips, frames)  if audio
     use_audio_in_video bool
-    talker_codes (groups, Σ frames), talker_frames (S,), talker_speakers (S,)   if assistant turns carry speech (speech.py)
+    talker_codes, talker_frames, talker_speakers, talker_labels, code_predictor_labels   if assistant turns carry speech (speech.py)
 
 Assistant spans come from the chat structure: the template is rendered for every conversation
 prefix, and an assistant message's trained text is what rendering it appends after the generation
@@ -94,6 +94,7 @@ def _chat_ids(config, tokenizer) -> dict[str, int]:
         if got != getattr(config, f"{role}_token_id"):
             raise SpeechTargetError(f"config {role}_token_id {getattr(config, f'{role}_token_id')} differs from the tokenizer's {role!r}={got}")
         ids[role] = got
+    ids["codec_eos"] = config.talker_config.codec_eos_token_id
     if ids["im_start"] != config.im_start_token_id:
         raise SpeechTargetError(f"config im_start_token_id {config.im_start_token_id} differs from the tokenizer's {ids['im_start']}")
     return ids

@@ -12,6 +12,12 @@ is code2wav's codebook (2048 in the release; the talker's own codec ids above it
     talker_codes (groups, Σ frames) long   the spoken turns' codes, in turn order
     talker_frames (S,) long                at each spoken turn's <|im_start|>: its frames; 0 elsewhere
     talker_speakers (S,) long              there: its speaker id; 0 elsewhere
+    talker_labels (Σ (frames + 1),) long   per turn, what the talker predicts: codebook 0 of each frame,
+                                           then the end of speech
+    code_predictor_labels (Σ frames · (groups − 1),) long   per frame, groups 1.. (what the code predictor predicts)
+
+The two label tensors are what VeOmni's trainer counts (`<name>_labels` → `<name>_tokens`) to make
+each named loss a token mean over every rank's batch.
 
 The markers are aligned with the tokens, so packing, padding and concatenating samples (VeOmni's
 collator included) keep them with their turns, and the codes in the order of the turns.
@@ -28,7 +34,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-__all__ = ["SpeechTargetError", "load_codes", "speech_targets", "spoken_turns"]
+__all__ = ["SpeechTargetError", "load_codes", "speech_labels", "speech_targets", "spoken_turns"]
 
 
 class SpeechTargetError(ValueError):
@@ -130,4 +136,16 @@ def spoken_turns(input_ids: torch.Tensor, labels: torch.Tensor, targets: list, i
         frames[opening], speakers[opening] = turn_codes.shape[1], speaker
     if not codes:
         return {}
-    return {"talker_codes": torch.cat(codes, dim=1), "talker_frames": frames, "talker_speakers": speakers}
+    return {
+        "talker_codes": torch.cat(codes, dim=1),
+        "talker_frames": frames,
+        "talker_speakers": speakers,
+        **speech_labels(codes, ids["codec_eos"]),
+    }
+
+
+def speech_labels(codes: list[torch.Tensor], codec_eos: int) -> dict:
+    """`talker_labels` and `code_predictor_labels` of spoken turns with these (groups, frames) codes."""
+    talker = [torch.cat((turn[0], turn.new_tensor([codec_eos]))) for turn in codes]
+    predictor = [turn[1:].T.reshape(-1) for turn in codes]
+    return {"talker_labels": torch.cat(talker), "code_predictor_labels": torch.cat(predictor)}

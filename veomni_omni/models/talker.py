@@ -15,12 +15,12 @@ as `Qwen3OmniMoeForConditionalGeneration.generate` does when it speaks that turn
                 next trailing text token (the turn's text after the first token, then tts_eos, then
                 tts_pad) — what generate feeds back one step at a time;
 
-with 3-axis positions from the talker's own `get_rope_index` over the user ids followed by tts_pad ids
-(HF passes no `use_audio_in_video` to the talker). The talker predicts codebook 0 of every frame and
+with 3-axis positions from HF's rope index over the user ids followed by tts_pad ids, with the talker's
+settings (HF passes no `use_audio_in_video` to the talker). The talker predicts codebook 0 of every frame and
 then the end of speech; the code predictor, fed the talker's last hidden state of each frame and the
-frame's codes, predicts the other groups. Losses are token means (cross entropy); their sum, plus the
-thinker's text loss when the thinker trains too (`train_thinker=True`), is the loss. By default the
-thinker is frozen: it runs without autograd and only the talker (with its projections and code
+frame's codes, predicts the other groups. The losses are token means (cross entropy), returned by name
+(VeOmni's convention for several losses): `talker_loss`, `code_predictor_loss`, and the thinker's text
+loss `foundation_loss` when the thinker trains too (`train_thinker=True`). By default the thinker is frozen: it runs without autograd and only the talker (with its projections and code
 predictor) learns.
 """
 
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
 from ..data.samples import rope_positions
+from ..data.speech import speech_labels
 
 __all__ = ["SpeechTrainingOutput", "speech_training_forward"]
 
@@ -46,11 +47,12 @@ TTS_PAD_BEFORE_BOS = 4
 
 @dataclass
 class SpeechTrainingOutput(ModelOutput):
-    """Losses of a speech training step, and the logits they come from, per spoken turn:
+    """Losses of a speech training step (`loss`: the named losses, see `speech_training_forward`), and
+    the logits they come from, per spoken turn:
     `talker_logits[i]` (frames + 1, codec vocabulary): codebook 0 of every frame, then end of speech;
     `code_predictor_logits[i]` (frames, groups - 1, codebook): groups 1.. of every frame."""
 
-    loss: Optional[torch.Tensor] = None
+    loss: Optional[dict] = None
     thinker_loss: Optional[torch.Tensor] = None
     talker_loss: Optional[torch.Tensor] = None
     code_predictor_loss: Optional[torch.Tensor] = None
@@ -259,6 +261,8 @@ def speech_training_forward(
     talker_codes: torch.LongTensor,
     talker_frames: torch.LongTensor,
     talker_speakers: torch.LongTensor,
+    talker_labels: Optional[torch.LongTensor] = None,
+    code_predictor_labels: Optional[torch.LongTensor] = None,
     attention_mask: Optional[torch.Tensor] = None,
     labels: Optional[torch.LongTensor] = None,
     train_thinker: bool = False,
@@ -267,8 +271,12 @@ def speech_training_forward(
     """The loss of speaking every spoken turn of the batch (module doc), on a `Qwen3OmniMoeForConditionalGeneration`
     with its talker. `talker_frames` / `talker_speakers` (like input_ids): at each spoken turn's <|im_start|>,
     its frames / speaker id, 0 elsewhere; `talker_codes` (groups, Σ frames) in the order of the turns (row by
-    row, left to right). The other inputs are the thinker's (a packed row with `cu_seq_lens_q`, or
-    right-padded rows)."""
+    row, left to right); `talker_labels` / `code_predictor_labels`, when given (the data's, which VeOmni's
+    trainer counts), must be the targets those codes make. The other inputs are the thinker's (a packed
+    row with `cu_seq_lens_q`, or right-padded rows).
+
+    `loss` is a dict of named token-mean losses, VeOmni's convention for several losses: `talker_loss`,
+    `code_predictor_loss`, and `foundation_loss` (the thinker's text) when the thinker trains."""
     if not getattr(model, "has_talker", False):
         raise ValueError("speech training needs the talker: build the model with enable_audio_output (or call enable_talker())")
     if train_thinker and labels is None:
@@ -309,34 +317,41 @@ def speech_training_forward(
     positions = torch.cat((text_axis[None], axes.to(inputs.device)))
     states = talker.model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
 
-    eos = tcfg.codec_eos_token_id
-    talker_logits, talker_targets, predictor_inputs, predictor_targets = [], [], [], []
+    targets = speech_labels([turn.codes.to(inputs.device) for turn in turns], tcfg.codec_eos_token_id)
+    for name, given in (("talker_labels", talker_labels), ("code_predictor_labels", code_predictor_labels)):
+        if given is not None and not torch.equal(given.to(targets[name].device), targets[name]):
+            raise ValueError(f"{name} {tuple(given.shape)} are not the targets talker_codes make ({tuple(targets[name].shape)})")
+    talker_logits, predictor_inputs = [], []
     predictor = talker.code_predictor
     for index, (turn, prefix) in enumerate(zip(turns, prefixes)):
         codes = turn.codes.to(inputs.device)
         frames = codes.shape[1]
         talker_logits.append(talker.codec_head(states[index, prefix - 1 : prefix + frames]))
-        talker_targets.append(torch.cat((codes[0], codes.new_tensor([eos]))))
         frame_inputs = [states[index, prefix - 1 : prefix - 1 + frames], talker.get_input_embeddings()(codes[0])]
         frame_inputs += [predictor.get_input_embeddings()[group - 1](codes[group]) for group in range(1, codes.shape[0] - 1)]
         predictor_inputs.append(torch.stack(frame_inputs, dim=1))
-        predictor_targets.append(codes[1:].T)
     predicted = predictor.model(inputs_embeds=torch.cat(predictor_inputs), use_cache=False).last_hidden_state
     predictor_logits = torch.stack([head(predicted[:, group + 1]) for group, head in enumerate(predictor.lm_head)], dim=1)
 
-    talker_loss = _token_mean_cross_entropy(torch.cat(talker_logits), torch.cat(talker_targets))
-    predictor_loss = _token_mean_cross_entropy(predictor_logits, torch.cat(predictor_targets))
+    talker_loss = _token_mean_cross_entropy(torch.cat(talker_logits), targets["talker_labels"])
+    predictor_loss = _token_mean_cross_entropy(predictor_logits, targets["code_predictor_labels"])
     # hidden_projection only sees user-turn media; without any it still runs, so every rank reduces its gradient
-    idle = 0.0 * talker.hidden_projection(hidden[0, :1]).sum()
-    loss = talker_loss + predictor_loss + idle + (thinker_loss if thinker_loss is not None else 0)
+    talker_loss = talker_loss + 0.0 * talker.hidden_projection(hidden[0, :1]).sum()
     return SpeechTrainingOutput(
-        loss=loss,
+        loss=_named_losses(thinker_loss, talker_loss, predictor_loss),
         thinker_loss=thinker_loss,
         talker_loss=talker_loss,
         code_predictor_loss=predictor_loss,
         talker_logits=talker_logits,
         code_predictor_logits=list(predictor_logits.split([turn.codes.shape[1] for turn in turns])),
     )
+
+
+def _named_losses(thinker_loss, talker_loss, predictor_loss) -> dict:
+    losses = {"talker_loss": talker_loss, "code_predictor_loss": predictor_loss}
+    if thinker_loss is not None:
+        losses["foundation_loss"] = thinker_loss
+    return losses
 
 
 def _without_speech(model, hidden, thinker_loss, specials) -> SpeechTrainingOutput:
@@ -348,6 +363,9 @@ def _without_speech(model, hidden, thinker_loss, specials) -> SpeechTrainingOutp
     frame = frame + talker.hidden_projection(hidden[0, :1]).to(frame.dtype)
     state = talker.model(inputs_embeds=frame[None], use_cache=False).last_hidden_state
     predicted = predictor.model(inputs_embeds=state.expand(-1, 2, -1), use_cache=False).last_hidden_state
-    zero = (talker.codec_head(state).sum() + sum(head(predicted).sum() for head in predictor.lm_head)) * 0.0
-    loss = zero + (thinker_loss if thinker_loss is not None else 0)
-    return SpeechTrainingOutput(loss=loss, thinker_loss=thinker_loss, talker_loss=zero, code_predictor_loss=zero, talker_logits=[], code_predictor_logits=[])
+    talker_zero = talker.codec_head(state).sum() * 0.0
+    predictor_zero = sum(head(predicted).sum() for head in predictor.lm_head) * 0.0
+    return SpeechTrainingOutput(
+        loss=_named_losses(thinker_loss, talker_zero, predictor_zero), thinker_loss=thinker_loss, talker_loss=talker_zero,
+        code_predictor_loss=predictor_zero, talker_logits=[], code_predictor_logits=[],
+    )
