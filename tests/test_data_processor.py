@@ -39,9 +39,12 @@ def test_tokenizer_layout_matches_testing_tokens():
     names = dict(
         pad=tok.pad_token, im_start="<|im_start|>", im_end="<|im_end|>", vision_start=tok.vision_bos_token,
         vision_end=tok.vision_eos_token, audio_start=tok.audio_bos_token, audio_end=tok.audio_eos_token,
-        image=tok.image_token, video=tok.video_token, audio=tok.audio_token,
+        image=tok.image_token, video=tok.video_token, audio=tok.audio_token, system="system", user="user",
+        assistant="assistant", tts_pad="<tts_pad>", tts_bos="<tts_text_bos>", tts_eos="<tts_text_eod>",
     )
     assert {k: tok.convert_tokens_to_ids(v) for k, v in names.items()} == TOKENS
+    # a chat role is one token, as in Qwen's vocabulary (HF's talker input reads it after <|im_start|>)
+    assert tok("<|im_start|>assistant\n")["input_ids"][:2] == [TOKENS["im_start"], TOKENS["assistant"]]
     # plain text never produces a special id; specials are atomic; decoding is lossless
     text = "What shape is in the image? The quick brown fox, 42 times!\n"
     ids = tok(text)["input_ids"]

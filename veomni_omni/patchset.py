@@ -88,7 +88,7 @@ MODEL_AND_TRAINER = (
         attr="forward",
         replacement=thinker.omni_forward,
         fingerprint=None,
-        why="HF's top-level model has generate but no forward; training runs the thinker",
+        why="HF's top-level model has generate but no forward; training runs the thinker, and the talker on speech targets",
         test="tests/test_registry.py::test_top_level_forward_is_thinker",
     ),
     Patch(

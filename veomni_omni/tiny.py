@@ -17,6 +17,26 @@ TOKENS = dict(
     image=504,
     video=505,
     audio=506,
+    system=477,
+    user=478,
+    assistant=479,
+    tts_pad=508,
+    tts_bos=509,
+    tts_eos=510,
+)
+# The tiny talker's codec vocabulary, laid out like the released one (2048 codes, then 1024 ids
+# whose offsets from the codebook size are the released ones): HF's generate suppresses the top
+# 1024 ids but the end of speech.
+TINY_CODEBOOK = 64
+TINY_CODEC = dict(
+    vocab=TINY_CODEBOOK + 1024,
+    pad=TINY_CODEBOOK + 100,
+    bos=TINY_CODEBOOK + 101,
+    eos=TINY_CODEBOOK + 102,
+    nothink=TINY_CODEBOOK + 107,
+    think_bos=TINY_CODEBOOK + 108,
+    think_eos=TINY_CODEBOOK + 109,
+    speakers={"chelsie": TINY_CODEBOOK + 253, "ethan": TINY_CODEBOOK + 254, "aiden": TINY_CODEBOOK + 255},
 )
 TINY_VOCAB = 512
 FIRST_SPECIAL = 480  # plain text tokens are drawn from [1, FIRST_SPECIAL)
@@ -78,30 +98,40 @@ def tiny_thinker_config(**text_overrides) -> Qwen3OmniMoeThinkerConfig:
 
 
 def tiny_omni_config() -> Qwen3OmniMoeConfig:
-    """Top-level config (thinker + a tiny talker and code2wav), as in the released checkpoint."""
+    """Top-level config (thinker + a tiny talker and code2wav), as in the released checkpoint: the
+    token roles (chat, tts, multimodal) at the tiny vocabulary's ids, the codec's at `TINY_CODEC`."""
     thinker = tiny_thinker_config()
+    groups = 4
     return Qwen3OmniMoeConfig(
         thinker_config=thinker.to_dict(),
         talker_config=dict(
             text_config=dict(
-                vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=1, head_dim=8, moe_intermediate_size=8, num_experts=4, num_experts_per_tok=2,
-                shared_expert_intermediate_size=16,
+                vocab_size=TINY_CODEC["vocab"], hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=8, moe_intermediate_size=8, num_experts=4,
+                num_experts_per_tok=2, shared_expert_intermediate_size=16,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "interleaved": True},
             ),
             code_predictor_config=dict(
-                vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=1, head_dim=8, num_code_groups=4,
+                vocab_size=TINY_CODEBOOK, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_code_groups=groups,
             ),
-            num_code_groups=4,
+            num_code_groups=groups,
             thinker_hidden_size=32,
             spatial_merge_size=2,
             accept_hidden_layer=1,
+            codec_pad_id=TINY_CODEC["pad"], codec_bos_id=TINY_CODEC["bos"], codec_eos_token_id=TINY_CODEC["eos"],
+            codec_nothink_id=TINY_CODEC["nothink"], codec_think_bos_id=TINY_CODEC["think_bos"],
+            codec_think_eos_id=TINY_CODEC["think_eos"], speaker_id=dict(TINY_CODEC["speakers"]),
+            audio_end_token_id=TOKENS["audio_end"], **THINKER_TOKEN_IDS,  # the talker's rope index reads them
         ),
         code2wav_config=dict(
-            codebook_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-            intermediate_size=32, num_quantizers=4, decoder_dim=16, upsample_rates=(2, 2), upsampling_ratios=(2, 2),
+            codebook_size=TINY_CODEBOOK, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+            intermediate_size=32, num_quantizers=groups, decoder_dim=16, upsample_rates=(2, 2), upsampling_ratios=(2, 2),
             sliding_window=8, max_position_embeddings=256,
         ),
+        im_start_token_id=TOKENS["im_start"], im_end_token_id=TOKENS["im_end"], system_token_id=TOKENS["system"],
+        user_token_id=TOKENS["user"], assistant_token_id=TOKENS["assistant"], tts_pad_token_id=TOKENS["tts_pad"],
+        tts_bos_token_id=TOKENS["tts_bos"], tts_eos_token_id=TOKENS["tts_eos"],
         architectures=["Qwen3OmniMoeForConditionalGeneration"],
     )
+

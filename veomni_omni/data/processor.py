@@ -3,8 +3,10 @@
 - tokenizer: `Qwen2Tokenizer` (what Qwen3-Omni checkpoints name) around a byte-level BPE trained
   with `tokenizers` on the synthetic dataset's text, using Qwen2's own pre-tokenizer (NFC, Qwen's
   split regex, byte-level) so that training and loading see the same pipeline. Ids:
-  0 = <|endoftext|> (pad), 1..256 the byte alphabet, 257..479 merges, 480..511 Qwen's special
-  tokens, placed so that the ones the model uses sit at `veomni_omni.tiny.TOKENS`;
+  0 = <|endoftext|> (pad), 1..256 the byte alphabet, 257..476 merges, 477..479 the chat roles
+  "system", "user", "assistant" (one token each, as in Qwen's vocabulary: HF's talker input reads
+  the role as the one token after <|im_start|>), 480..511 Qwen's special tokens, placed so that the
+  ones the model uses sit at `veomni_omni.tiny.TOKENS`;
 - chat template: Qwen3-Omni's ChatML layout (see `CHAT_TEMPLATE`);
 - feature extractor: `WhisperFeatureExtractor`, 128 mel bins at 16 kHz (Qwen3-Omni's settings);
 - image processor: `Qwen2VLImageProcessorPil` (what transformers picks without torchvision; it
@@ -32,6 +34,7 @@ from .video_processor import Qwen2VLVideoProcessorPil
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "ROLE_TOKENS",
     "SPECIAL_TOKENS",
     "TEXT_VOCAB",
     "VOCAB_SIZE",
@@ -42,6 +45,9 @@ __all__ = [
 
 TEXT_VOCAB = 480  # ids [0, 480): <|endoftext|>, 256 bytes, BPE merges (= tiny.FIRST_SPECIAL)
 VOCAB_SIZE = 512  # = tiny.TINY_VOCAB
+# The chat roles at fixed ids below the special tokens (= tiny.TOKENS system/user/assistant).
+ROLE_TOKENS = {477: "system", 478: "user", 479: "assistant"}
+BPE_VOCAB = min(ROLE_TOKENS)  # ids [0, 477) are learnt
 
 # id → (token, special). Qwen's special tokens; the multimodal and chat ones at tiny.TOKENS.
 SPECIAL_TOKENS: dict[int, tuple[str, bool]] = {
@@ -137,7 +143,7 @@ def build_tiny_tokenizer(corpus: Optional[Iterable[str]] = None) -> Qwen2Tokeniz
     lines = list(corpus if corpus is not None else synthetic.corpus())
     bpe = _qwen_pipeline(Tokenizer(models.BPE()))
     trainer = trainers.BpeTrainer(
-        vocab_size=TEXT_VOCAB,
+        vocab_size=BPE_VOCAB,
         special_tokens=[PAD_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         min_frequency=1,
@@ -147,12 +153,16 @@ def build_tiny_tokenizer(corpus: Optional[Iterable[str]] = None) -> Qwen2Tokeniz
     bpe.train_from_iterator(lines * 4, trainer)
     model = json.loads(bpe.to_str())["model"]
     vocab, merges = dict(model["vocab"]), [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    if vocab.get(PAD_TOKEN) != 0 or len(vocab) > TEXT_VOCAB or sorted(vocab.values()) != list(range(len(vocab))):
+    if vocab.get(PAD_TOKEN) != 0 or len(vocab) > BPE_VOCAB or sorted(vocab.values()) != list(range(len(vocab))):
         raise RuntimeError(f"unexpected BPE vocabulary layout ({len(vocab)} entries)")
+    if set(ROLE_TOKENS.values()) & set(vocab):
+        raise RuntimeError(f"the BPE learnt a role word as a piece of its own: {set(ROLE_TOKENS.values()) & set(vocab)}")
     # A corpus too small to fill the text range leaves ids unused; claim them with inert tokens so
     # the special tokens still land on their fixed ids.
-    for i in range(len(vocab), TEXT_VOCAB):
+    for i in range(len(vocab), BPE_VOCAB):
         vocab[f"<|unused_{i}|>"] = i
+    for token_id, role in ROLE_TOKENS.items():
+        vocab[role] = token_id
     for token_id, (token, _) in SPECIAL_TOKENS.items():
         vocab[token] = token_id
 
@@ -171,15 +181,16 @@ def build_tiny_tokenizer(corpus: Optional[Iterable[str]] = None) -> Qwen2Tokeniz
         chat_template=CHAT_TEMPLATE,
     )
     extra = [tok for _, (tok, _) in sorted(SPECIAL_TOKENS.items())]
-    extra += [f"<|unused_{i}|>" for i in range(len(model["vocab"]), TEXT_VOCAB)]
+    extra += [f"<|unused_{i}|>" for i in range(len(model["vocab"]), BPE_VOCAB)]
     special = {tok for tok, is_special in SPECIAL_TOKENS.values() if is_special} | set(extra[len(SPECIAL_TOKENS):])
+    extra += list(ROLE_TOKENS.values())  # matched before BPE, like any added token; plain text, not special
     tokenizer.add_tokens([AddedToken(t, special=t in special, normalized=False) for t in extra])
     _check_layout(tokenizer)
     return tokenizer
 
 
 def _check_layout(tokenizer) -> None:
-    for token_id, (token, _) in SPECIAL_TOKENS.items():
+    for token_id, (token, _) in {**SPECIAL_TOKENS, **{i: (role, False) for i, role in ROLE_TOKENS.items()}}.items():
         got = tokenizer.convert_tokens_to_ids(token)
         if got != token_id:
             raise RuntimeError(f"{token} has id {got}, expected {token_id}")

@@ -11,6 +11,7 @@
     pixel_values_videos, video_grid_thw (n, 3), video_second_per_grid (n,)  if videos
     input_features (clips, 128, frames), feature_attention_mask (clips, frames)  if audio
     use_audio_in_video bool
+    talker_codes, talker_frames, talker_speakers, talker_labels, code_predictor_labels   if assistant turns carry speech (speech.py)
 
 Assistant spans come from the chat structure: the template is rendered for every conversation
 prefix, and an assistant message's trained text is what rendering it appends after the generation
@@ -20,7 +21,8 @@ the processor's expanded ids (placeholder runs skipped). No token ids of words a
 
 Length cap: `max_tokens` with `overflow="drop"` (raise `SampleTooLong`) or `"truncate"` (cut at
 the cap, moved back to the start of any media block it would split, dropping that block's media;
-a sample with nothing left to train on is dropped). Output never exceeds the cap.
+a sample with nothing left to train on is dropped; a sample with speech is never truncated, as its
+speech would no longer match its text). Output never exceeds the cap.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf_mod
 
 from .checks import IGNORE_INDEX, thinker_config_of
 from .media import SAMPLING_RATE, MediaError, load_audio, load_image, load_video
+from .speech import SpeechTargetError, speech_targets, spoken_turns
 
 __all__ = [
     "SampleTooLong",
@@ -81,6 +84,20 @@ def _token_ids(config, tokenizer) -> dict[str, int]:
             raise ValueError(f"config {key} token id {ids[key]} differs from the tokenizer's {token}={got}")
     ids["vision_end"] = tokenizer.convert_tokens_to_ids(tokenizer.vision_eos_token)
     ids["audio_end"] = tokenizer.convert_tokens_to_ids(tokenizer.audio_eos_token)
+    return ids
+
+
+def _chat_ids(config, tokenizer) -> dict[str, int]:
+    """The chat-turn ids HF's talker input is built from, checked against the tokenizer."""
+    ids = {"im_start": tokenizer.convert_tokens_to_ids("<|im_start|>")}
+    for role in ("assistant", "user"):
+        got = tokenizer.convert_tokens_to_ids(role)
+        if got != getattr(config, f"{role}_token_id"):
+            raise SpeechTargetError(f"config {role}_token_id {getattr(config, f'{role}_token_id')} differs from the tokenizer's {role!r}={got}")
+        ids[role] = got
+    ids["codec_eos"] = config.talker_config.codec_eos_token_id
+    if ids["im_start"] != config.im_start_token_id:
+        raise SpeechTargetError(f"config im_start_token_id {config.im_start_token_id} differs from the tokenizer's {ids['im_start']}")
     return ids
 
 
@@ -382,6 +399,10 @@ def encode_sample(
         use_audio_in_video = bool(sample.get("use_audio_in_video", False)) if isinstance(sample, dict) else False
     thinker = thinker_config_of(config)
     ids = _token_ids(thinker, processor.tokenizer)
+    speech = speech_targets(messages, getattr(config, "talker_config", None), media_root)
+    spoken = any(target is not None for target in speech)
+    if spoken:
+        ids.update(_chat_ids(config, processor.tokenizer))
 
     images, videos, fps, audios = _load_media(messages, use_audio_in_video, media_root)
     if len(set(fps)) > 1:
@@ -435,9 +456,12 @@ def encode_sample(
         out["input_features"] = batch["input_features"]
         out["feature_attention_mask"] = batch["feature_attention_mask"].long()
 
+    if spoken:
+        out.update(spoken_turns(input_ids, out["labels"], speech, ids))
     if max_tokens is not None and len(expanded) > max_tokens:
-        if overflow == "drop":
-            raise SampleTooLong(f"{len(expanded)} tokens > max_tokens={max_tokens}")
+        if overflow == "drop" or spoken:
+            why = " (a sample with speech is never truncated: its speech would no longer match its text)" if spoken else ""
+            raise SampleTooLong(f"{len(expanded)} tokens > max_tokens={max_tokens}{why}")
         out = _truncate(out, max_tokens, ids)
         if not bool((out["labels"] != IGNORE_INDEX).any()):
             raise SampleTooLong(f"nothing left to train on after truncating {len(expanded)} tokens to {max_tokens}")

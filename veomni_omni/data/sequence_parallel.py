@@ -142,8 +142,9 @@ def pack_rows(batch: dict) -> dict:
     lengths = keep.sum(-1)
     labels = batch["labels"].clone()
     labels[:, 0] = IGNORE_INDEX
-    packed = {key: value for key, value in batch.items() if key not in ("input_ids", "labels", "attention_mask", "position_ids")}
-    packed["input_ids"] = batch["input_ids"][keep].unsqueeze(0)
+    aligned = [key for key in ("input_ids", "talker_frames", "talker_speakers") if key in batch]  # with the tokens
+    packed = {key: value for key, value in batch.items() if key not in (*aligned, "labels", "attention_mask", "position_ids")}
+    packed.update({key: batch[key][keep].unsqueeze(0) for key in aligned})
     packed["labels"] = labels[keep].unsqueeze(0)
     packed["position_ids"] = batch["position_ids"][:, keep].unsqueeze(1)
     cu_seq_lens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)

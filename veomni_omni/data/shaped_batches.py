@@ -135,6 +135,12 @@ def concat_batches(batches: list[dict]) -> dict:
         "attention_mask": torch.cat([pad(b["attention_mask"], 0) for b in batches]),
         "labels": torch.cat([pad(b["labels"], IGNORE_INDEX) for b in batches]),
     }
+    for key in ("talker_frames", "talker_speakers"):  # speech markers, aligned with the tokens
+        if any(key in b for b in batches):
+            merged[key] = torch.cat([pad(b[key] if key in b else torch.zeros_like(b["input_ids"]), 0) for b in batches])
+    for key, dim in (("talker_codes", 1), ("talker_labels", 0), ("code_predictor_labels", 0)):  # in turn order
+        if any(key in b for b in batches):
+            merged[key] = torch.cat([b[key] for b in batches if key in b], dim=dim)
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "video_second_per_grid"):
         parts = [b[key] for b in batches if key in b]
         if parts:

@@ -250,6 +250,11 @@ def _decoded_media(messages: list, settings: MediaSettings) -> list:
 # ------------------------------------------------------------------------------------ transform
 def veomni_layout(encoded: dict) -> dict:
     """One encoded sample in the layout VeOmni's packing collator concatenates (see module doc)."""
+    if "talker_codes" in encoded:
+        raise ValueError(
+            "its assistant turns carry speech: talker training does not run through VeOmni's trainer yet "
+            "(its collator would drop the codes); train without 'speech' or with veomni_omni.models.talker"
+        )
     out = {key: encoded[key] for key in ("input_ids", "attention_mask", "labels", "position_ids")}
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         if key in encoded:

@@ -11,6 +11,7 @@ from transformers.utils import can_return_tuple
 
 from ..data.checks import IGNORE_INDEX
 from ..parallel.sequence_parallel import sequence_parallel_forward
+from .talker import speech_training_forward
 from .encoders import dummy_audio_forward, dummy_vision_forward, encode_audio, encode_vision, encoders_must_run
 
 if TYPE_CHECKING:
@@ -191,7 +192,10 @@ def thinker_model_forward(
 
 
 def omni_forward(self, *args, **kwargs):
-    """Training forward of the top-level model: the thinker's (talker and code2wav are carried, not run)."""
+    """Training forward of the top-level model: the thinker's; with speech targets (`talker_codes`), the
+    talker's and code predictor's too (models/talker.py). code2wav is carried, never run."""
+    if "talker_codes" in kwargs:
+        return speech_training_forward(self, *args, **kwargs)
     return self.thinker(*args, **kwargs)
 
 
