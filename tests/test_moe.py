@@ -110,9 +110,10 @@ def test_expert_load_counts_each_step_once(tiny_thinker, patched):
     ],
     ids=["thinker", "top_level", "text_model"],
 )
-def test_plans_name_exactly_the_thinker_experts(patched, cls, config):
-    """Each class's plan shards exactly its thinker experts' fused weights along dim 0 (the talker's stay
-    whole), and the modules VeOmni wraps on the ep_fsdp mesh are exactly the thinker experts modules."""
+def test_plans_name_exactly_the_experts(patched, cls, config):
+    """Each class's plan shards exactly its experts' fused weights along dim 0 (the thinker's, and the
+    top-level model's talker's), and the modules VeOmni wraps on the ep_fsdp mesh are exactly those experts
+    modules."""
     with torch.device("meta"):
         model = cls(config())
     plan = model.get_parallel_plan()
@@ -121,6 +122,9 @@ def test_plans_name_exactly_the_thinker_experts(patched, cls, config):
     assert all(isinstance(s, Shard) and s.dim == 0 for s in patterns.values())
     experts = {n for n, m in model.named_modules() if isinstance(m, hf.Qwen3OmniMoeThinkerTextExperts)}
     assert len(experts) == tiny_thinker_config().text_config.num_hidden_layers
+    talker = {n for n, m in model.named_modules() if isinstance(m, hf.Qwen3OmniMoeTalkerTextExperts)}
+    assert len(talker) == (tiny_omni_config().talker_config.text_config.num_hidden_layers if cls is Qwen3OmniMoeForConditionalGeneration else 0)
+    experts |= talker
     matched = {n for n, _ in model.named_parameters() if any(check_fqn_match(p, n) for p in patterns)}
     assert matched == {f"{e}.{w}" for e in experts for w in ("gate_up_proj", "down_proj")}
     assert set(plan.get_extra_parallel_fsdp_no_shard_info(model, "ep")) == experts

@@ -1,6 +1,8 @@
 """Talker training (speech output): data checks, and the training forward's logits against HF's own
 `generate()` forced along the same text and codes (the reference runs with the patch set undone)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ import veomni_omni
 from veomni_omni.data.samples import SampleTooLong, encode_sample
 from veomni_omni.data.sequence_parallel import pack_rows
 from veomni_omni.data.speech import SpeechTargetError
+from veomni_omni.launch import run_ranks
 from veomni_omni.data.shaped_batches import concat_batches
 from veomni_omni.tiny import TINY_CODEBOOK, TINY_CODEC, TOKENS, tiny_omni_config
 
@@ -360,3 +363,56 @@ def test_a_trained_talker_is_exported_in_the_released_layout_and_generate_speaks
     for got, ref, old in zip(loaded, trained, before):
         assert torch.equal(got, ref)
         assert _relative(old, ref) > 1e-2  # the exported talker is the trained one, not the source's
+
+
+# ------------------------------------------------------------------------------ multi-rank
+TALKER_WORKER = str(Path(__file__).parent / "dist" / "talker_parity.py")
+
+
+def _without_speech(batch: dict) -> dict:
+    """The batch with its spoken turns made silent, as a rank without speech gets it."""
+    groups = batch["talker_codes"].shape[0]
+    silent = {k: v for k, v in batch.items() if not k.startswith("talker_") and k != "code_predictor_labels"}
+    empty = torch.zeros(0, dtype=torch.long)
+    return {**silent, "talker_codes": torch.zeros(groups, 0, dtype=torch.long), "talker_frames": torch.zeros_like(batch["input_ids"]),
+            "talker_speakers": torch.zeros_like(batch["input_ids"]), "talker_labels": empty, "code_predictor_labels": empty}
+
+
+@pytest.mark.parametrize("ep", [1, 2])
+def test_talker_gradients_under_fsdp2_and_ep_equal_the_single_process_model(processor, omni_config, tmp_path, ep):
+    """2 gloo ranks through VeOmni's parallelizer (FSDP2; EP 1 or 2 over the thinker's and the talker's
+    experts), thinker frozen, each rank its own samples, against the single-process model on the global
+    batch: the named losses and every talker gradient within 1e-5. Case "one_silent": rank 1 has no spoken
+    turn (its talker runs on a made-up frame, so no collective hangs)."""
+    from veomni_omni.parity import max_relative_difference, parity_errors
+    from veomni_omni.testing import save_checkpoint
+
+    torch.manual_seed(4)
+    model = Qwen3OmniMoeForConditionalGeneration(omni_config)
+    save_checkpoint(model, tmp_path / "ckpt")
+    encoded = [encode_sample({"messages": s}, processor, omni_config) for s in _samples()]
+    rank_samples = {"both_speak": ([encoded[0], encoded[2]], [encoded[1]]), "one_silent": ([encoded[0]], [encoded[1]])}
+    batches, references = {}, {}
+    for case, (first, second) in rank_samples.items():
+        per_rank = [_batch(first, "packed"), _batch(second, "packed")]
+        if case == "one_silent":
+            per_rank[1] = _without_speech(per_rank[1])
+        batches[case] = per_rank
+        model.zero_grad(set_to_none=True)
+        speaking = first if case == "one_silent" else first + second  # the global batch's spoken turns
+        out = model(**_batch(speaking, "padded"))
+        sum(out.loss.values()).backward()
+        references[case] = (sum(out.loss.values()).item(), {n: p.grad.clone() for n, p in model.named_parameters() if n.startswith("talker.")})
+    torch.save(batches, tmp_path / "batches.pt")
+
+    run_ranks(TALKER_WORKER, 2, [str(tmp_path / "ckpt"), str(tmp_path / "batches.pt"), str(tmp_path / "out.pt"), str(ep)], timeout_s=300)
+    results = torch.load(tmp_path / "out.pt")
+    talker_experts = omni_config.talker_config.text_config.num_experts
+    assert results.pop("_talker_local_experts") == [[talker_experts // ep]] * 2, "the talker's experts were not sharded by the EP plan"
+    assert results["both_speak"]["turns"] == [2, 1] and results["one_silent"]["turns"] == [1, 0]
+    for case, (loss, grads) in references.items():
+        got = results[case]
+        assert abs(got["loss"] - loss) <= 1e-5 * abs(loss), (case, got["loss"], loss)
+        assert sorted(got["grads"]) == sorted(grads), case
+        errors = parity_errors(got["grads"], grads)
+        assert not errors, (case, max_relative_difference(got["grads"], grads), errors[:5])

@@ -174,6 +174,24 @@ MODEL_AND_TRAINER = (
         test="tests/test_expert_parallel.py",
     ),
     Patch(
+        name=moe.TALKER_EXPERTS_FORWARD_PATCH,
+        owner=hf.Qwen3OmniMoeTalkerTextExperts,
+        attr="forward",
+        replacement=moe.experts_forward,
+        fingerprint="fc9abf5b6fd11894",
+        why="the talker's experts (the same code) trained under the same expert parallelism",
+        test="tests/test_talker.py",
+    ),
+    Patch(
+        name="omni_fsdp_units",
+        owner=hf.Qwen3OmniMoePreTrainedModel,
+        attr="_no_split_modules",
+        replacement=plan.OMNI_FSDP_UNITS,
+        fingerprint="a196bb1ec5c64cf2",
+        why="talker training uses the code predictor's embeddings and heads outside its forward: its layers are the FSDP units",
+        test="tests/test_talker.py",
+    ),
+    Patch(
         name="thinker_parallel_plan",
         owner=hf.Qwen3OmniMoeThinkerForConditionalGeneration,
         attr="get_parallel_plan",
@@ -188,7 +206,7 @@ MODEL_AND_TRAINER = (
         attr="get_parallel_plan",
         replacement=plan.omni_parallel_plan,
         fingerprint=None,
-        why="the same plan for the top-level model, whose thinker sits under `thinker.`",
+        why="the same plan for the top-level model: the thinker's experts under `thinker.`, the talker's under `talker.`",
         test="tests/test_expert_parallel.py (omni cases)",
     ),
     Patch(
@@ -198,7 +216,7 @@ MODEL_AND_TRAINER = (
         replacement=plan.text_model_parallel_plan,
         fingerprint=None,
         why="the same plan for the thinker's text decoder built on its own (registry: ThinkerTextModel)",
-        test="tests/test_moe.py::test_plans_name_exactly_the_thinker_experts",
+        test="tests/test_moe.py::test_plans_name_exactly_the_experts",
     ),
     Patch(
         name=config_keys.UNKNOWN_KEYS_PATCH,

@@ -36,9 +36,19 @@ from ..parallel.expert_parallel import (
 
 logger = logging.get_logger(__name__)
 
-# The patch-set entry on HF's experts forward: its original is the `use_experts_implementation` wrapper
-# (dispatches on `config._experts_implementation`), whose `__wrapped__` is HF's eager loop.
+# The patch-set entries on HF's experts forwards (the thinker's and the talker's, the same code): each
+# original is the `use_experts_implementation` wrapper (dispatches on `config._experts_implementation`),
+# whose `__wrapped__` is HF's eager loop.
 EXPERTS_FORWARD_PATCH = "thinker_experts_forward"
+TALKER_EXPERTS_FORWARD_PATCH = "talker_experts_forward"
+
+
+def hf_experts_forward(experts: nn.Module):
+    """HF's forward of this experts module's class, as the patch set stored it."""
+    from ..patchset import original
+
+    talker = isinstance(experts, hf.Qwen3OmniMoeTalkerTextExperts)
+    return original(TALKER_EXPERTS_FORWARD_PATCH if talker else EXPERTS_FORWARD_PATCH)
 
 # ---------------------------------------------------------------------------------------------------
 # Which implementation runs the experts
@@ -220,7 +230,7 @@ def expert_load(model: nn.Module, group: Optional[dist.ProcessGroup] = None, res
 
 
 def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-    """Thinker experts: HF's forward (its eager/grouped_mm/batched_mm dispatch) while the experts are whole;
+    """Thinker and talker experts: HF's forward (its eager/grouped_mm/batched_mm dispatch) while the experts are whole;
     token dispatch over the EP group when VeOmni's plan has sharded them; VeOmni's fused kernel on CUDA
     when selected (`set_moe_implementation`). Counts the expert load either way."""
     counts = expert_counts(top_k_index.reshape(-1), self.num_experts)
@@ -230,9 +240,7 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     if kernel is not None:
         return _fused_forward(self, kernel, hidden_states, top_k_index, top_k_weights)
     if group is None:
-        from ..patchset import original
-
-        return original(EXPERTS_FORWARD_PATCH)(self, hidden_states, top_k_index, top_k_weights)
+        return hf_experts_forward(self)(self, hidden_states, top_k_index, top_k_weights)
     reduce_gradients_with_sum_on_cpu(self)
     return dispatch_experts(self, hidden_states, top_k_index, top_k_weights, group, counts)
 

@@ -51,7 +51,7 @@ def expert_parallel_group(experts: nn.Module) -> Optional[dist.ProcessGroup]:
     state = get_parallel_state() if is_parallel_state_initialized() else None
     if state is None or not state.ep_enabled or state.ep_size * num_local != experts.num_experts:
         raise RuntimeError(
-            f"thinker experts hold {num_local} of {experts.num_experts} experts, but VeOmni's parallel state has "
+            f"{type(experts).__name__} holds {num_local} of {experts.num_experts} experts, but VeOmni's parallel state has "
             f"no expert-parallel group of size {experts.num_experts // num_local} "
             f"(init_parallel_state(..., extra_parallel_sizes=(ep,), extra_parallel_names=('ep',)))."
         )
@@ -130,10 +130,9 @@ def _run_local_experts(experts: nn.Module, x: torch.Tensor, local_ids: torch.Ten
     if is_lora_moe_experts(experts):  # base + adapters, VeOmni's per-expert computation
         implementation = type(experts)._eager_forward
     else:
-        from ..models.moe import EXPERTS_FORWARD_PATCH
-        from ..patchset import original
+        from ..models.moe import hf_experts_forward
 
-        hf_eager = original(EXPERTS_FORWARD_PATCH).__wrapped__
+        hf_eager = hf_experts_forward(experts).__wrapped__
         implementation = ALL_EXPERTS_FUNCTIONS.get_interface(experts.config._experts_implementation, hf_eager)
     ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
     return implementation(_LocalExperts(experts, num_local), x, local_ids.unsqueeze(1), ones)
