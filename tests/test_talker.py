@@ -416,3 +416,32 @@ def test_talker_gradients_under_fsdp2_and_ep_equal_the_single_process_model(proc
         assert sorted(got["grads"]) == sorted(grads), case
         errors = parity_errors(got["grads"], grads)
         assert not errors, (case, max_relative_difference(got["grads"], grads), errors[:5])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(processor, omni_config):
+    """Thinker and talker trained jointly, with and without gradient checkpointing (non-reentrant, as
+    VeOmni enables it): the hook that takes the thinker's accept_hidden_layer state must not be fooled
+    by the recomputation."""
+    from veomni_omni.parity import max_relative_difference, parity_errors
+
+    torch.manual_seed(5)
+    model = Qwen3OmniMoeForConditionalGeneration(omni_config).train()
+    batch = _batch([encode_sample({"messages": s}, processor, omni_config) for s in _samples()], "packed")
+    # attention inside the first thinker and talker layers: run again in backward when checkpointed (the
+    # layer's own forward hook would not show it: torch stops a recomputation once it has what it needs)
+    layers = (model.thinker.model.language_model.layers[0].self_attn, model.talker.model.layers[0].self_attn)
+    runs, calls = [], []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.zero_grad(set_to_none=True)
+        counted = []
+        hooks = [layer.register_forward_hook(lambda module, *_: counted.append(module)) for layer in layers]
+        out = model(**batch, train_thinker=True)
+        sum(out.loss.values()).backward()
+        [hook.remove() for hook in hooks]
+        calls.append([sum(m is layer for m in counted) for layer in layers])
+        runs.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert calls == [[1, 1], [2, 2]], calls  # checkpointing recomputed both in backward
+    assert sorted(runs[0]) == sorted(runs[1]) and any(n.startswith("thinker.") for n in runs[0])
+    assert not parity_errors(runs[1], runs[0]), max_relative_difference(runs[1], runs[0])
