@@ -217,10 +217,19 @@ def _positions(settings, rope_ids: torch.Tensor, turn: _Turn, media, listed) -> 
     )
 
 
+def _codec_embeddings(talker, codes: torch.Tensor) -> torch.Tensor:
+    """(groups, frames, H): each group's codes embedded as generate embeds them, group 0 by the talker,
+    group g ≥ 1 by the code predictor's embedding g − 1. A frame's talker input sums them; the code
+    predictor reads groups 0 .. groups − 2 after the talker's state."""
+    predictor_embeddings = talker.code_predictor.get_input_embeddings()
+    first = talker.get_input_embeddings()(codes[0])
+    return torch.stack([first, *(predictor_embeddings[group - 1](codes[group]) for group in range(1, codes.shape[0]))])
+
+
 def _talker_sequence(model, turn: _Turn, input_ids, embeds, hidden, multimodal, specials):
-    """Input embeddings (L, H) and rope ids (L,) of one turn's talker sequence, and its prefix length."""
+    """Input embeddings (L, H) and rope ids (L,) of one turn's talker sequence, its prefix length and its
+    frames' codec embeddings (groups, frames, H)."""
     talker, config = model.talker, model.config
-    predictor = talker.code_predictor
     tts_bos, tts_eos, tts_pad = specials
     row = turn.row
     users = turn.users.to(input_ids.device)
@@ -239,16 +248,13 @@ def _talker_sequence(model, turn: _Turn, input_ids, embeds, hidden, multimodal, 
     codec_side = torch.cat((text_side.new_zeros(ASSISTANT_PREFIX, text_side.shape[-1]), talker.get_input_embeddings()(codec_prefix)))
     assistant_part = text_side + codec_side
 
-    codes = turn.codes.to(embeds.device)
-    frames = codes.shape[1]
-    codec = talker.get_input_embeddings()(codes[0])
-    for group in range(1, codes.shape[0]):
-        codec = codec + predictor.get_input_embeddings()[group - 1](codes[group])
+    codec = _codec_embeddings(talker, turn.codes.to(embeds.device))
+    frames = codec.shape[1]
     trailing = torch.cat((spoken[ASSISTANT_PREFIX + 1 :], tts_eos))[:frames]
     text_per_frame = torch.cat((trailing, tts_pad.expand(frames - len(trailing), -1)))
-    sequence = torch.cat((user_part, assistant_part, codec + text_per_frame))
+    sequence = torch.cat((user_part, assistant_part, codec.sum(0) + text_per_frame))
     rope_ids = torch.cat((input_ids[row, users], input_ids.new_full((len(assistant_part) + frames,), config.tts_pad_token_id)))
-    return sequence, rope_ids, len(users) + len(assistant_part)
+    return sequence, rope_ids, len(users) + len(assistant_part), codec
 
 
 def _token_mean_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -307,7 +313,7 @@ def speech_training_forward(
     if not turns:  # a rank without speech still runs the talker, so every rank issues the same collectives
         return _without_speech(model, hidden, thinker_loss, specials)
 
-    sequences, rope, prefixes = zip(*(_talker_sequence(model, turn, input_ids, embeds, hidden, multimodal, specials) for turn in turns))
+    sequences, rope, prefixes, codecs = zip(*(_talker_sequence(model, turn, input_ids, embeds, hidden, multimodal, specials) for turn in turns))
     longest = max(len(s) for s in sequences)
     inputs = torch.stack([F.pad(s, (0, 0, 0, longest - len(s))) for s in sequences])
     mask = torch.stack([(torch.arange(longest) < len(s)).long() for s in sequences]).to(inputs.device)
@@ -323,13 +329,11 @@ def speech_training_forward(
             raise ValueError(f"{name} {tuple(given.shape)} are not the targets talker_codes make ({tuple(targets[name].shape)})")
     talker_logits, predictor_inputs = [], []
     predictor = talker.code_predictor
-    for index, (turn, prefix) in enumerate(zip(turns, prefixes)):
-        codes = turn.codes.to(inputs.device)
-        frames = codes.shape[1]
+    for index, (prefix, codec) in enumerate(zip(prefixes, codecs)):
+        frames = codec.shape[1]
         talker_logits.append(talker.codec_head(states[index, prefix - 1 : prefix + frames]))
-        frame_inputs = [states[index, prefix - 1 : prefix - 1 + frames], talker.get_input_embeddings()(codes[0])]
-        frame_inputs += [predictor.get_input_embeddings()[group - 1](codes[group]) for group in range(1, codes.shape[0] - 1)]
-        predictor_inputs.append(torch.stack(frame_inputs, dim=1))
+        # per frame: the talker's state that predicted its codebook 0, then groups 0 .. groups − 2
+        predictor_inputs.append(torch.cat((states[index, prefix - 1 : prefix - 1 + frames, None], codec[:-1].transpose(0, 1)), dim=1))
     predicted = predictor.model(inputs_embeds=torch.cat(predictor_inputs), use_cache=False).last_hidden_state
     predictor_logits = torch.stack([head(predicted[:, group + 1]) for group, head in enumerate(predictor.lm_head)], dim=1)
 
@@ -358,9 +362,8 @@ def _without_speech(model, hidden, thinker_loss, specials) -> SpeechTrainingOutp
     """A batch without spoken turns: one made-up frame runs through every part of the talker and code
     predictor, times 0, so their parameters get (zero) gradients like every other rank's."""
     talker, predictor = model.talker, model.talker.code_predictor
-    code = torch.zeros(1, dtype=torch.long, device=specials[0].device)
-    frame = specials[0] + talker.get_input_embeddings()(code) + sum(embedding(code) for embedding in predictor.get_input_embeddings())
-    frame = frame + talker.hidden_projection(hidden[0, :1]).to(frame.dtype)
+    codes = torch.zeros(model.config.talker_config.num_code_groups, 1, dtype=torch.long, device=specials[0].device)
+    frame = specials[0] + _codec_embeddings(talker, codes).sum(0) + talker.hidden_projection(hidden[0, :1]).to(specials[0].dtype)
     state = talker.model(inputs_embeds=frame[None], use_cache=False).last_hidden_state
     predicted = predictor.model(inputs_embeds=state.expand(-1, 2, -1), use_cache=False).last_hidden_state
     talker_zero = talker.codec_head(state).sum() * 0.0
