@@ -250,12 +250,16 @@ def test_a_sample_with_speech_is_never_truncated(processor, omni_config):
         encode_sample(sample, processor, omni_config, max_tokens=length - 1, overflow="truncate")
 
 
-def test_veomni_transform_refuses_speech_until_its_collator_carries_it(processor, omni_config):
-    from veomni_omni.data.veomni_transform import veomni_layout
+def test_veomni_layout_carries_speech_keys_on_every_sample_when_the_talker_trains(processor, omni_config):
+    from veomni_omni.data.veomni_transform import SPEECH_KEYS, veomni_layout
 
-    encoded = encode_sample(_spoken(_speech(0, 2)), processor, omni_config)
-    with pytest.raises(ValueError, match="talker training does not run through VeOmni's trainer yet"):
-        veomni_layout(encoded)
+    spoken = encode_sample(_spoken(_speech(0, 2)), processor, omni_config)
+    with pytest.raises(ValueError, match="set model.model_config.train_talker: true"):
+        veomni_layout(spoken)
+    assert all(torch.equal(veomni_layout(spoken, omni_config)[key], spoken[key]) for key in SPEECH_KEYS)
+    silent = veomni_layout(encode_sample([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], processor, omni_config), omni_config)
+    assert silent["talker_codes"].shape == (GROUPS, 0) and silent["talker_labels"].numel() == silent["code_predictor_labels"].numel() == 0
+    assert silent["talker_frames"].shape == silent["input_ids"].shape and not silent["talker_frames"].any()
 
 
 # ------------------------------------------------------------------------------- training

@@ -16,11 +16,12 @@ from veomni.trainer import base as veomni_trainer_base
 from veomni.trainer import vlm_trainer as veomni_vlm_trainer
 from veomni.utils import device as veomni_device
 from veomni.utils import helper as veomni_helper
+from veomni.utils import loss_utils as veomni_loss_utils
 
 from .checkpoint import veomni_io, veomni_resume
 from .data import video_processor
 from .data.veomni_transform import transform_sample
-from .integration import compile_checks, config_keys, cpu_distributed, registry, trainer_hooks
+from .integration import compile_checks, config_keys, cpu_distributed, registry, speech_training, trainer_hooks
 from .models import audio_tower, init, kernels, moe, packed_attention, thinker
 from .parallel import lora as parallel_lora
 from .parallel import plan, sequence_parallel
@@ -190,6 +191,43 @@ MODEL_AND_TRAINER = (
         fingerprint="a196bb1ec5c64cf2",
         why="talker training uses the code predictor's embeddings and heads outside its forward: its layers are the FSDP units",
         test="tests/test_talker.py",
+    ),
+    Patch(
+        name=speech_training.FREEZE_PATCH,
+        owner=veomni_vlm_trainer.VLMTrainer,
+        attr="_freeze_model_module",
+        replacement=speech_training.freeze_model_module,
+        fingerprint="855d256318d5ac03",
+        why="VLMTrainer always disables the talker: model.model_config.train_talker keeps it (thinker frozen unless train_thinker); "
+        "unknown model_config keys, which HF drops, are refused",
+        test="tests/test_talker_veomni.py",
+    ),
+    Patch(
+        name=speech_training.COUNT_PATCH,
+        owner=veomni_vlm_trainer,
+        attr="count_loss_token",
+        replacement=speech_training.count_loss_tokens,
+        fingerprint="97e6a101fea8533b",
+        why="over a step's micro batches VLMTrainer keeps the last one's count of each <name>_labels (talker losses) instead of the sum",
+        test="tests/test_talker_veomni.py",
+    ),
+    Patch(
+        name="count_loss_token_base",
+        owner=veomni_trainer_base,
+        attr="count_loss_token",
+        replacement=speech_training.count_loss_tokens,
+        fingerprint="97e6a101fea8533b",
+        why="the same where BaseTrainer's step imported it by name",
+        test="tests/test_talker_veomni.py",
+    ),
+    Patch(
+        name="count_loss_token_defined",
+        owner=veomni_loss_utils,
+        attr="count_loss_token",
+        replacement=speech_training.count_loss_tokens,
+        fingerprint="97e6a101fea8533b",
+        why="the same where VeOmni defines it, for callers that import it later",
+        test="tests/test_talker_veomni.py",
     ),
     Patch(
         name="thinker_parallel_plan",

@@ -5,7 +5,8 @@ Per step, on rank 0: the model's full weights at the step's start (before its up
 batches (as the collator made them; under Ulysses SP as VeOmni's packing collator made them, before the SP
 stage shards them, which the reference needs whole), the full gradients just before `optimizer.step` (after VeOmni's
 clipping, which the config turns into a no-op), the global loss (every rank's share summed over the
-micro batches and ranks, divided by the FSDP size VeOmni's `mean_global_loss` multiplies by) and the
+micro batches and ranks, divided by the FSDP size VeOmni's `mean_global_loss` multiplies by; in all and
+per named loss) and the
 grad norm VeOmni reports, how often each rank ran each encoder, plus the layout (world, EP size,
 whether the model checkpoints gradients, experts held per rank); at the end, the trained weights.
 
@@ -94,9 +95,11 @@ class StepRecorder(Callback):
     def on_train_end(self, state, **kwargs):
         self.final_weights = gather_full_tensors(self.trainer.model)
 
-    def on_step_end(self, state, loss=None, grad_norm=None, **kwargs):
+    def on_step_end(self, state, loss=None, loss_dict=None, grad_norm=None, **kwargs):
         shares = self._all_gather(loss)
         self.steps[-1]["loss"] = sum(shares) / self.parallel_state.fsdp_size
+        named = self._all_gather(dict(loss_dict or {}))
+        self.steps[-1]["losses"] = {name: sum(share[name] for share in named) / self.parallel_state.fsdp_size for name in named[0]}
         self.steps[-1]["grad_norm"] = grad_norm
         self.steps[-1]["encoder_calls"] = self._all_gather(self.encoder_calls)
 

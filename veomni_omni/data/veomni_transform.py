@@ -19,7 +19,8 @@ Accepted samples:
 Output, one sample per call (`[dict]`, or `[]` when the sample is skipped), in the layout VeOmni's
 packing collator concatenates: `input_ids`, `attention_mask`, `labels` (S,), `position_ids` (3, S),
 `pixel_values` + `image_grid_thw`, `pixel_values_videos` + `video_grid_thw`, and VeOmni's flat audio
-`input_features` (frames, mel) + `audio_feature_lengths` (clips,). Labels cover assistant turns only,
+`input_features` (frames, mel) + `audio_feature_lengths` (clips,), and, when the talker trains
+(`model.model_config.train_talker`), the speech keys of data/speech.py on every sample. Labels cover assistant turns only,
 found from the chat structure (`veomni_omni.data.samples`). A sample whose media cannot be read (missing,
 corrupt, too short or small) is skipped with a warning naming it, and counted (`skipped`), in the main
 process and inside DataLoader workers alike.
@@ -248,14 +249,32 @@ def _decoded_media(messages: list, settings: MediaSettings) -> list:
 
 
 # ------------------------------------------------------------------------------------ transform
-def veomni_layout(encoded: dict) -> dict:
-    """One encoded sample in the layout VeOmni's packing collator concatenates (see module doc)."""
-    if "talker_codes" in encoded:
+SPEECH_KEYS = ("talker_codes", "talker_frames", "talker_speakers", "talker_labels", "code_predictor_labels")
+
+
+def veomni_layout(encoded: dict, speech_config=None) -> dict:
+    """One encoded sample in the layout VeOmni's packing collator concatenates (see module doc).
+
+    When the talker trains (`speech_config`, the top-level config), every sample carries the speech keys,
+    empty where it has no spoken turn: VeOmni's collator concatenates each key over the samples that have
+    it, so token-aligned markers from only some samples would land on other samples' tokens, and every
+    rank must count the same `*_labels` losses."""
+    if speech_config is None and "talker_codes" in encoded:
         raise ValueError(
-            "its assistant turns carry speech: talker training does not run through VeOmni's trainer yet "
-            "(its collator would drop the codes); train without 'speech' or with veomni_omni.models.talker"
+            "its assistant turns carry speech, but the talker does not train: set model.model_config.train_talker: true "
+            "(veomni_omni), or remove the 'speech' entries"
         )
     out = {key: encoded[key] for key in ("input_ids", "attention_mask", "labels", "position_ids")}
+    if speech_config is not None:
+        groups = speech_config.talker_config.num_code_groups
+        silent = {
+            "talker_codes": torch.zeros(groups, 0, dtype=torch.long),
+            "talker_frames": torch.zeros_like(encoded["input_ids"]),
+            "talker_speakers": torch.zeros_like(encoded["input_ids"]),
+            "talker_labels": torch.zeros(0, dtype=torch.long),
+            "code_predictor_labels": torch.zeros(0, dtype=torch.long),
+        }
+        out.update({key: encoded.get(key, silent[key]) for key in SPEECH_KEYS})
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         if key in encoded:
             out[key] = encoded[key]
@@ -289,6 +308,7 @@ def transform_sample(
             "released top-level checkpoint (model_type qwen3_omni_moe); chats are rendered with the processor's own template"
         )
     config = getattr(position_id_func, "config", None)
+    speech_config = getattr(position_id_func, "speech_config", None)
     if config is None:
         raise TypeError(
             "position_id_func must be the model's get_position_id_func() (veomni_omni's RopePositionIds); "
@@ -298,7 +318,7 @@ def transform_sample(
     key = json.dumps([source_name, sample], sort_keys=True, default=repr) if settings.cache_samples else None
     if key in _ENCODED:
         return [_fresh(_ENCODED[key])] if _ENCODED[key] is not None else []
-    out = _transform(sample, processor, config, settings, source_name)
+    out = _transform(sample, processor, config, speech_config, settings, source_name)
     if key is not None and len(_ENCODED) < settings.cache_samples:
         _ENCODED[key] = out[0] if out else None
         return [_fresh(out[0])] if out else []
@@ -314,7 +334,7 @@ def _fresh(encoded: dict) -> dict:
     return {**encoded, "labels": encoded["labels"].clone()}
 
 
-def _transform(sample: dict, processor, config, settings: MediaSettings, source_name: Optional[str]) -> list[dict]:
+def _transform(sample: dict, processor, config, speech_config, settings: MediaSettings, source_name: Optional[str]) -> list[dict]:
     sample_id = sample.get("id", sample.get("sample_id", "?"))
     try:
         messages, audio_in_video = to_messages(sample, settings, source_name or sample.get("source_name"))
@@ -322,7 +342,7 @@ def _transform(sample: dict, processor, config, settings: MediaSettings, source_
         encoded = encode_sample(
             {"messages": messages},
             processor,
-            config,
+            speech_config or config,
             max_tokens=settings.max_tokens,
             overflow=settings.overflow,
             use_audio_in_video=audio_in_video,
@@ -336,4 +356,4 @@ def _transform(sample: dict, processor, config, settings: MediaSettings, source_
         return []
     except ValueError as err:
         raise ValueError(f"sample {sample_id} ({source_name or '-'}): {err}") from err
-    return [veomni_layout(encoded)]
+    return [veomni_layout(encoded, speech_config)]

@@ -35,10 +35,13 @@ class RopePositionIds:
     one unpadded sample, `input_ids` (1, S) → {"position_ids": (3, S)}.
 
     `config` is the thinker config; VeOmni's transform protocol gives a transform nothing else of the
-    model, so veomni_omni's transform reads token ids and audio settings from here too."""
+    model, so veomni_omni's transform reads token ids and audio settings from here too, and, when the
+    talker trains (`speech`), the top-level config its speech targets are checked against
+    (`speech_config`; None otherwise)."""
 
-    def __init__(self, config):
+    def __init__(self, config, speech: bool = False):
         self.config = thinker_config_of(config)
+        self.speech_config = config if speech else None
 
     def __call__(
         self,
@@ -61,19 +64,26 @@ class RopePositionIds:
 
 
 def get_position_id_func(self) -> RopePositionIds:
-    return RopePositionIds(self.config)
+    return RopePositionIds(self.config, speech=getattr(self, "speech_training", None) is not None)
 
 
 # VeOmni's DataCollateInfo fields: (pack_dim, sp_slice, sp_pad_value, sp_pad_scale). Without SP only
 # pack_dim matters. Under SP VeOmni's defaults slice pixel_values and pixel_values_videos each on their
 # own (the joint image+video patch sequence is what the ViT shards), would slice the flat audio frames,
 # and slice input_ids, whose whole length the media masks need: `shard_collated_batch` does those.
+# Speech targets (data/speech.py): the turn markers are packed like input_ids, the codes along their
+# frames, the loss-count labels end to end (VeOmni would stack them, or keep a list when lengths differ).
 EXTRA_COLLATE_INFOS = {
     "input_ids": (-1, False, 0, 1),
     "pixel_values": (0, False, None, None),
     "pixel_values_videos": (0, False, None, None),
     "input_features": (0, False, None, None),
     "audio_feature_lengths": (0, False, None, None),
+    "talker_frames": (-1, False, 0, 1),
+    "talker_speakers": (-1, False, 0, 1),
+    "talker_codes": (1, False, None, None),
+    "talker_labels": (0, False, None, None),
+    "code_predictor_labels": (0, False, None, None),
 }
 
 

@@ -193,8 +193,13 @@ def thinker_model_forward(
 
 def omni_forward(self, *args, **kwargs):
     """Training forward of the top-level model: the thinker's; with speech targets (`talker_codes`), the
-    talker's and code predictor's too (models/talker.py). code2wav is carried, never run."""
+    talker's and code predictor's too (models/talker.py); whether the thinker trains with them is the
+    call's `train_thinker`, else what VeOmni's trainer set up (`speech_training`, integration/speech_training.py).
+    code2wav is carried, never run."""
     if "talker_codes" in kwargs:
+        settings = getattr(self, "speech_training", None)
+        if settings is not None:
+            kwargs.setdefault("train_thinker", settings.train_thinker)
         return speech_training_forward(self, *args, **kwargs)
     return self.thinker(*args, **kwargs)
 
