@@ -180,36 +180,38 @@ def test_loss_token_counts_add_up_over_micro_batches():
     assert {k: int(v) for k, v in count_loss_tokens(micro([1], [4, 4])).items()} == {"foundation_tokens": 1, "talker_tokens": 2}
 
 
-def _trainer(model, model_config: dict, lora: dict = None, ulysses: int = 1, freeze_vit: bool = False):
+def _trainer(model, model_config: dict, config_path, lora: dict = None, ulysses: int = 1, freeze_vit: bool = False):
     """What VLMTrainer's freezing step reads of its trainer."""
     from types import SimpleNamespace as NS
 
     accelerator = NS(ulysses_size=ulysses, cp_size=1)
-    args = NS(model=NS(model_config=model_config, lora_config=lora or {}), train=NS(accelerator=accelerator, freeze_vit=freeze_vit, freeze_audio_tower=False))
+    args = NS(model=NS(model_config=model_config, lora_config=lora or {}, config_path=str(config_path)),
+              train=NS(accelerator=accelerator, freeze_vit=freeze_vit, freeze_audio_tower=False))
     return NS(base=NS(args=args, model=model, model_config=model.config))
 
 
 @pytest.mark.parametrize("case, message", [
-    ("misspelt", r"\['train_talkr'\] name no attribute of Qwen3OmniMoeConfig"),
+    ("misspelt", r"\['train_talkr'\] name no setting of Qwen3OmniMoeConfig"),
     ("thinker_only", "the model has no talker"),
     ("lora", "LoRA on the talker is not supported"),
     ("ulysses", "set ulysses_size and cp_size to 1"),
     ("freeze_vit", "would unfreeze the ViT merger"),
 ])
-def test_freezing_step_refuses_what_it_cannot_train(case, message):
+def test_freezing_step_refuses_what_it_cannot_train(tmp_path, case, message):
     from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 
     from veomni_omni.integration.speech_training import freeze_model_module
 
     config = tiny_omni_config()
     model = Qwen3OmniMoeThinkerForConditionalGeneration(config.thinker_config) if case == "thinker_only" else Qwen3OmniMoeForConditionalGeneration(config)
-    switch = {"train_talker": True}
+    model.config.save_pretrained(tmp_path)
+    switch = {"train_talker": True, "experts_implementation": "eager"}  # a setting transformers takes: passes
     trainer = {
-        "misspelt": lambda: _trainer(model, {"train_talkr": True}),
-        "thinker_only": lambda: _trainer(model, switch),
-        "lora": lambda: _trainer(model, switch, lora={"rank": 4}),
-        "ulysses": lambda: _trainer(model, switch, ulysses=2),
-        "freeze_vit": lambda: _trainer(model, switch, freeze_vit=True),
+        "misspelt": lambda: _trainer(model, {"train_talkr": True}, tmp_path),
+        "thinker_only": lambda: _trainer(model, switch, tmp_path),
+        "lora": lambda: _trainer(model, switch, tmp_path, lora={"rank": 4}),
+        "ulysses": lambda: _trainer(model, switch, tmp_path, ulysses=2),
+        "freeze_vit": lambda: _trainer(model, switch, tmp_path, freeze_vit=True),
     }[case]()
     with pytest.raises(ValueError, match=message):
         freeze_model_module(trainer)

@@ -21,8 +21,9 @@ adapt the talker's layers too, untested), Ulysses SP or context parallelism (the
 whole sequences), `freeze_vit` / `freeze_audio_tower` with a frozen thinker (VeOmni's would unfreeze
 the merger / projection), `train_thinker: false` without the talker (nothing would train).
 
-For Qwen3-Omni models any other `model.model_config` key must name an attribute of the model's config:
-HF's `from_pretrained` drops the kwargs it does not know, so a misspelt override was ignored silently.
+For Qwen3-Omni models any other `model.model_config` key must be one transformers' config loading takes:
+`from_pretrained` drops the kwargs it does not know (asked, it returns them), so a misspelt override was
+ignored silently.
 Other models keep VeOmni's own step (the two keys are refused there: they have no talker).
 
 `count_loss_tokens` replaces VeOmni's `count_loss_token` where VLMTrainer's step calls it: over a step's micro batches
@@ -64,11 +65,17 @@ def speech_training_of(model_config: Optional[dict]) -> Optional[SpeechTraining]
     return SpeechTraining(train_thinker=model_config.get("train_thinker", False))
 
 
-def _check_overrides(model_config: dict, config) -> None:
-    unknown = sorted(key for key in model_config if key not in SWITCHES and not hasattr(config, key))
-    if unknown:
+def _check_overrides(model_config: dict, config_path) -> None:
+    """The overrides transformers' config loading would drop (it reports them when asked)."""
+    from transformers import AutoConfig
+
+    overrides = {key: value for key, value in model_config.items() if key not in SWITCHES}
+    if not overrides:
+        return
+    config, ignored = AutoConfig.from_pretrained(config_path, return_unused_kwargs=True, **overrides)
+    if ignored:
         raise ValueError(
-            f"model.model_config: {unknown} name no attribute of {type(config).__name__}, and transformers would "
+            f"model.model_config: {sorted(ignored)} name no setting of {type(config).__name__}, and transformers would "
             f"ignore them; veomni_omni's own keys are {list(SWITCHES)}"
         )
 
@@ -84,7 +91,7 @@ def freeze_model_module(self) -> None:
         if any(key in overrides for key in SWITCHES):
             raise ValueError(f"model.model_config {list(SWITCHES)}: {self.base.model_config.model_type} has no talker")
         return original(FREEZE_PATCH)(self)
-    _check_overrides(overrides, self.base.model_config)
+    _check_overrides(overrides, args.model.config_path)
     settings = speech_training_of(overrides)
     if settings is None:
         return original(FREEZE_PATCH)(self)
