@@ -24,13 +24,14 @@ from PIL import Image
 from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
 
 import veomni_omni
-from veomni_omni.data.media import save_wav
-from veomni_omni.data.processor import build_tiny_processor, load_processor
+from veomni_omni.data.media import save_video, save_wav
+from veomni_omni.data.processor import load_processor
 from veomni_omni.data.samples import encode_sample
 from veomni_omni.data import synthetic
 from veomni_omni.integration.speech_training import count_loss_tokens, speech_training_of
 from veomni_omni.launch import run_ranks
 from veomni_omni.parity import PARITY_RTOL, max_relative_difference, parity_errors
+from veomni_omni.testing import save_tiny_release
 from veomni_omni.tiny import TINY_CODEBOOK, tiny_omni_config
 
 from test_talker import _batch  # noqa: E402  (same directory)
@@ -39,13 +40,14 @@ from test_veomni_trainer_parity import WORKER, write_config, write_dataset  # no
 GROUPS = 4
 # Per layout: ranks, EP size, gradient checkpointing, whether the thinker trains too, samples per micro batch,
 # and per step each rank's samples (packed micro_batch_size at a time). "spoken_N": a text answer spoken in
-# N frames; "silent": no speech; "media_N": image + audio in the user turn; "history_N": an unspoken turn first.
+# N frames; "silent": no speech; "media_N": image + audio in the user turn; "video_N": a video in the user turn;
+# "history_N": an unspoken turn first.
 LAYOUTS = {
     "talker_fsdp2_accumulated": dict(world=2, ep=1, gc=False, thinker=False, micro=2, steps=[
         [["spoken_5", "silent", "silent", "silent"], ["media_7", "history_3", "spoken_2", "silent"]],
     ]),
     "joint_ep2_gc": dict(world=2, ep=2, gc=True, thinker=True, micro=1, steps=[
-        [["silent", "spoken_4"], ["media_6", "history_3"]],
+        [["video_5", "spoken_4"], ["media_6", "history_3"]],
     ]),
 }
 SPEAKERS = ("ethan", "chelsie", "aiden")
@@ -57,10 +59,7 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_omni_talker")
     config = tiny_omni_config()
     config.thinker_config.text_config.output_router_logits = False
-    torch.manual_seed(0)
-    with veomni_omni.unpatched():
-        Qwen3OmniMoeForConditionalGeneration(config).save_pretrained(path)
-    build_tiny_processor(path)
+    save_tiny_release(path, config)
     return path
 
 
@@ -87,6 +86,10 @@ class SpokenSamples:
             Image.fromarray(synthetic.make_image(self.rng, "circle", "red", synthetic.IMAGE_SIZE)).save(image)
             save_wav(str(wav), synthetic.make_tone(self.rng, "alto", 1.0))
             question = [{"type": "image", "image": str(image)}, {"type": "audio", "audio": str(wav)}, *question]
+        if name == "video":
+            video = self.root / f"{self.count}.mkv"
+            save_video(str(video), synthetic.make_video(self.rng, "left"), synthetic.VIDEO_FPS)
+            question = [{"type": "video", "video": str(video), "fps": synthetic.VIDEO_FPS}, *question]
         messages = [{"role": "user", "content": question}, answer]
         if name == "history":
             earlier = [{"role": "user", "content": [{"type": "text", "text": "hello"}]},

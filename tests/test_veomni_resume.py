@@ -28,16 +28,14 @@ import torch
 import yaml
 from PIL import Image
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-from transformers import Qwen3OmniMoeForConditionalGeneration
 from veomni.utils.checkpoint_utils import get_checkpoint_path
 
 import veomni_omni
 from veomni_omni.data import synthetic
 from veomni_omni.data.media import save_wav
-from veomni_omni.data.processor import build_tiny_processor
 from veomni_omni.integration.settings import eager_ops_config
 from veomni_omni.launch import run_ranks
-from veomni_omni.tiny import tiny_omni_config
+from veomni_omni.testing import save_tiny_release
 
 WORKER = str(Path(__file__).parent / "dist" / "veomni_resume.py")
 WORLD, STEPS, SAVE_STEPS, DIE_AT = 2, 4, 2, 3
@@ -68,10 +66,7 @@ def _sample(i: int, root: Path, rng) -> dict:
 def config(tmp_path_factory) -> Path:
     """A released-layout tiny checkpoint with its processor, 16 JSONL samples and VeOmni's YAML."""
     root = tmp_path_factory.mktemp("veomni_resume")
-    torch.manual_seed(0)
-    with veomni_omni.unpatched():
-        Qwen3OmniMoeForConditionalGeneration(tiny_omni_config()).save_pretrained(root / "model")
-    build_tiny_processor(root / "model")
+    save_tiny_release(root / "model")
     (root / "media").mkdir()
     rng = np.random.default_rng(0)
     with open(root / "train.jsonl", "w") as f:

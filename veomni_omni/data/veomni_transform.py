@@ -275,6 +275,8 @@ def veomni_layout(encoded: dict, speech_config=None) -> dict:
             "code_predictor_labels": torch.zeros(0, dtype=torch.long),
         }
         out.update({key: encoded.get(key, silent[key]) for key in SPEECH_KEYS})
+        if "video_second_per_grid" in encoded:  # the talker's positions of a video are computed in the forward
+            out["video_second_per_grid"] = encoded["video_second_per_grid"]
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         if key in encoded:
             out[key] = encoded[key]

@@ -72,7 +72,8 @@ def get_position_id_func(self) -> RopePositionIds:
 # own (the joint image+video patch sequence is what the ViT shards), would slice the flat audio frames,
 # and slice input_ids, whose whole length the media masks need: `shard_collated_batch` does those.
 # Speech targets (data/speech.py): the turn markers are packed like input_ids, the codes along their
-# frames, the loss-count labels end to end (VeOmni would stack them, or keep a list when lengths differ).
+# frames, the loss-count labels end to end (VeOmni would stack them, or keep a list when lengths differ);
+# the videos' seconds per grid too, which the talker's positions need (the thinker's come precomputed).
 EXTRA_COLLATE_INFOS = {
     "input_ids": (-1, False, 0, 1),
     "pixel_values": (0, False, None, None),
@@ -84,6 +85,7 @@ EXTRA_COLLATE_INFOS = {
     "talker_codes": (1, False, None, None),
     "talker_labels": (0, False, None, None),
     "code_predictor_labels": (0, False, None, None),
+    "video_second_per_grid": (0, False, None, None),
 }
 
 

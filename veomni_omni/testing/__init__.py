@@ -1,6 +1,7 @@
 """Helpers for the tests only (production code never imports this package): one forward+backward with its
 gradients, whole parameters and gradients gathered from a parallelised model, VeOmni's packed micro
-batches taken back apart into HF-layout samples, and a model saved as a one-file checkpoint."""
+batches taken back apart into HF-layout samples, a model saved as a one-file checkpoint, and a tiny
+top-level model saved as a release."""
 
 from __future__ import annotations
 
@@ -115,3 +116,20 @@ def save_checkpoint(model: torch.nn.Module, path) -> None:
 
     model.config.save_pretrained(path)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, Path(path) / "model.safetensors")
+
+
+def save_tiny_release(path, config=None, seed: int = 0):
+    """A seeded tiny top-level Qwen3-Omni-MoE (thinker, talker, code2wav; `tiny_omni_config()` unless
+    `config`) saved by plain transformers in the released layout, with the tiny processor; returns the model."""
+    import veomni_omni
+    from transformers import Qwen3OmniMoeForConditionalGeneration
+
+    from ..data.processor import build_tiny_processor
+    from ..tiny import tiny_omni_config
+
+    torch.manual_seed(seed)
+    with veomni_omni.unpatched():
+        model = Qwen3OmniMoeForConditionalGeneration(config or tiny_omni_config())
+        model.save_pretrained(path)
+    build_tiny_processor(path)
+    return model
