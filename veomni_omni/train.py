@@ -16,7 +16,9 @@ around VeOmni's own `train_step`:
   row stop the job) or stops the job (`stop`), on every rank alike;
 - after each step: a log line with the loss, tokens per modality, skipped samples and expert load; every
   `omni.eval_steps` and at the end, held-out accuracy per modality (greedy answer tokens);
-- at the end: the loss-curve PNG, `summary.json` and one JSON line.
+- at the end: the loss-curve PNG, `summary.json` and one JSON line; when the talker trains
+  (`model.model_config.train_talker`), first the held-out speech, spoken by transformers' own generate
+  from the HF export (`speech_eval.py`), with one WAV per modality.
 
 `omni.synthetic_data` writes the synthetic multimodal set into `<output_dir>/data` and trains on it;
 `omni.tiny_model` trains a tiny thinker from scratch, initialised once as a whole and loaded like a
@@ -48,8 +50,9 @@ from veomni.trainer.vlm_trainer import VeOmniVLMArguments, VLMTrainer
 from .checkpoint.veomni_io import LORA_ADAPTER_DIR
 from .data.checks import IGNORE_INDEX, input_problems, raise_on_problems, thinker_config_of
 from .data.sequence_parallel import check_divisible_heads
-from .data.synthetic import read_jsonl
-from .data.veomni_transform import SkipCounter
+from .data.synthetic import SpokenAnswers, read_jsonl
+from .data.veomni_transform import SPEECH_KEYS, SkipCounter
+from .integration.speech_training import speech_training_of
 from .models.moe import expert_load
 from .train_data import MODALITIES, accuracy_by_modality, chance_level, prepare_synthetic_set
 
@@ -62,6 +65,8 @@ class SyntheticData:
     seed: int = 0
     corrupt_train_samples: int = 0
     tasks: List[str] = field(default_factory=list)
+    speech: bool = field(default=False, metadata={"help": "answers carry their own code sequence as target speech (talker training)"})
+    speaker: str = "ethan"
 
 
 @dataclass
@@ -88,6 +93,7 @@ class OmniSection:
     on_nonfinite_loss: str = field(default="skip", metadata={"help": "skip | stop"})
     max_nonfinite_in_a_row: int = 3
     dist_timeout_s: float = field(default=600.0, metadata={"help": "a collective waiting longer fails the job"})
+    speech_eval_samples: int = field(default=24, metadata={"help": "talker training: held-out spoken samples per modality HF's generate speaks at the end"})
 
     def __post_init__(self):
         if self.on_nonfinite_loss not in ("skip", "stop"):
@@ -123,16 +129,28 @@ def prepare_inputs(args: OmniArguments) -> None:
     """Write what the recipe's `omni:` section asks to be made (synthetic set, tiny model) where the
     recipe's VeOmni paths point. Every rank calls it; the process group already exists."""
     omni = args.omni
-    if omni.synthetic_data:
-        if not (omni.eval_path and args.data.train_path.endswith(".jsonl") and omni.eval_path.endswith(".jsonl")):
-            raise ValueError("omni.synthetic_data writes the set to data.train_path and omni.eval_path: give both as .jsonl paths")
-        prepare_synthetic_set(omni.synthetic, Path(args.data.train_path), Path(omni.eval_path))
     if omni.tiny_model:
         if not args.model.model_path:
             raise ValueError("omni.tiny_model writes the initial model to model.model_path: give it")
         if _rank() == 0:
             write_tiny_model(omni.tiny, Path(args.model.model_path), args.train.seed)
         dist.barrier()
+    if omni.synthetic_data:  # after the model: spoken answers take its codec's shape
+        if not (omni.eval_path and args.data.train_path.endswith(".jsonl") and omni.eval_path.endswith(".jsonl")):
+            raise ValueError("omni.synthetic_data writes the set to data.train_path and omni.eval_path: give both as .jsonl paths")
+        prepare_synthetic_set(omni.synthetic, Path(args.data.train_path), Path(omni.eval_path), spoken_answers(args))
+
+
+def spoken_answers(args: OmniArguments) -> Optional[SpokenAnswers]:
+    """How the synthetic answers are spoken (the model's code groups and codebook), when the recipe asks."""
+    if not args.omni.synthetic.speech:
+        return None
+    if speech_training_of(args.model.model_config) is None:
+        raise ValueError("omni.synthetic.speech writes target speech: set model.model_config.train_talker: true to train on it")
+    from transformers import AutoConfig
+
+    talker = AutoConfig.from_pretrained(args.model.config_path).talker_config
+    return SpokenAnswers(talker.num_code_groups, talker.code_predictor_config.vocab_size, args.omni.synthetic.speaker)
 
 
 def write_tiny_model(tiny: TinyModel, path: Path, seed: int) -> None:
@@ -331,6 +349,8 @@ class OmniTrainer(VLMTrainer):
                 raise RuntimeError("a data-parallel rank got no evaluation sample; use more eval samples than ranks")
             batch = self.base.preforward(self.base.collate_fn([dict(feature) for _, feature in pack]))
             labels = batch.pop("labels")[0]
+            for key in SPEECH_KEYS:  # the thinker's answers are scored here; speech at the end, by HF's generate
+                batch.pop(key, None)
             predicted = model(**batch, use_cache=False).logits[0].argmax(-1)
             if state.sp_enabled:  # this rank's slice, labels already shifted: the whole sequence, shifted back
                 predicted, labels = (_gather_slices(t, state.sp_group) for t in (predicted, labels))
@@ -374,11 +394,24 @@ class OmniTrainer(VLMTrainer):
         }
         if args.model.lora_config and args.train.checkpoint.save_hf_weights:
             summary["lora_adapter"] = str(hf_ckpt.parent / LORA_ADAPTER_DIR)
+        speech = None
+        if _rank() == 0 and getattr(self.base.model, "speech_training", None) is not None and self.eval_samples:
+            if not args.train.checkpoint.save_hf_weights:
+                raise ValueError("talker training: the held-out speech is generated from the HF export; keep train.checkpoint.save_hf_weights on")
+            from .speech_eval import evaluate_speech
+
+            speech = evaluate_speech(hf_ckpt, self.eval_samples, out, self.omni.speech_eval_samples)
+            summary["speech"] = speech
         if _rank() == 0:
             _say("")
             _say(f"held-out accuracy (greedy answer tokens, {sum(totals.values())} eval samples) vs chance {chance:.2f}:")
             for modality, value in accuracy.items():
                 _say(f"  {modality:6s} {'-' if value is None else f'{value:.3f}'}  n={totals.get(modality, 0):4d}  {'#' * int(round((value or 0) * 40))}")
+            if speech is not None:
+                _say(f"held-out speech (HF's generate(return_audio=True) from the export, greedy): codes exactly the target's, vs "
+                     f"chance {chance:.2f} (the right one of a task's answers); WAVs: {out}/speech_<modality>.wav")
+                for modality, got in speech.items():
+                    _say(f"  {modality:6s} spoken {got['spoken']:.3f}  answer {got['answer']:.3f}  n={got['n']:3d}  {'#' * int(round(got['spoken'] * 40))}")
             first, last = (self.losses[0][1], self.losses[-1][1]) if self.losses else (float("nan"),) * 2
             _say(f"train: {step} steps, {self.tokens_total} tokens, {self.tokens_total / max(train_s, 1e-9):.0f} tok/s, "
                  f"{self.skipped_total} samples skipped, {len(self.nonfinite_steps)} non-finite steps skipped; first loss {first:.4f}, last loss {last:.4f}")

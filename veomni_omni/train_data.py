@@ -26,14 +26,15 @@ TASK_MODALITY = {
 
 
 # ------------------------------------------------------------------------------------ data sets
-def _write_synthetic(cfg, paths: dict, rank: int = 0, world: int = 1) -> None:
-    """Generate the synthetic set, media files beside `paths["train"]`. With several ranks each generates
-    every world-th sample (media files included) and rank 0 assembles, corrupts and writes the lists."""
+def _write_synthetic(cfg, paths: dict, rank: int = 0, world: int = 1, speech=None) -> None:
+    """Generate the synthetic set, media files beside `paths["train"]` (answers spoken with `speech`, a
+    `synthetic.SpokenAnswers`). With several ranks each generates every world-th sample (media files
+    included) and rank 0 assembles, corrupts and writes the lists."""
     tasks = tuple(cfg.tasks) or synthetic.TASKS
     media_dir = paths["train"].parent / "media"
     media_dir.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", cfg.train_samples), ("eval", cfg.eval_samples)):
-        mine = [synthetic.generate_sample(i, tasks[i % len(tasks)], cfg.seed, split, media_dir) for i in range(rank, n, world)]
+        mine = [synthetic.generate_sample(i, tasks[i % len(tasks)], cfg.seed, split, media_dir, speech=speech) for i in range(rank, n, world)]
         parts = [mine]
         if world > 1:
             parts = [None] * world
@@ -67,13 +68,14 @@ def _corrupt(samples: list, count: int) -> None:
         sample["corrupted"] = True
 
 
-def prepare_synthetic_set(cfg, train_path: Path, eval_path: Path) -> None:
+def prepare_synthetic_set(cfg, train_path: Path, eval_path: Path, speech=None) -> None:
     """Write the synthetic set described by `cfg` (`train.SyntheticData`) as `train_path` / `eval_path`
-    (media beside them), by all ranks of the process group together, unless a previous run wrote it."""
+    (media beside them; answers spoken with `speech`), by all ranks of the process group together, unless a
+    previous run wrote it."""
     data_dir = train_path.parent
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     stamp = json.dumps({"train_path": str(train_path), "eval_path": str(eval_path), "seed": cfg.seed, "train": cfg.train_samples, "eval": cfg.eval_samples, "tasks": list(cfg.tasks),
-                        "corrupt": cfg.corrupt_train_samples, "version": 3}, sort_keys=True)
+                        "corrupt": cfg.corrupt_train_samples, "speech": repr(speech), "version": 4}, sort_keys=True)
     manifest = data_dir / "manifest.json"
     fresh = [manifest.exists() and manifest.read_text() == stamp]
     if world > 1:
@@ -81,7 +83,7 @@ def prepare_synthetic_set(cfg, train_path: Path, eval_path: Path) -> None:
     if not fresh[0]:
         if rank == 0 and manifest.exists():
             manifest.unlink()
-        _write_synthetic(cfg, {"train": train_path, "eval": eval_path}, rank, world)
+        _write_synthetic(cfg, {"train": train_path, "eval": eval_path}, rank, world, speech)
         if rank == 0:
             manifest.write_text(stamp)
     if world > 1:

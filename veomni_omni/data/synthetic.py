@@ -30,12 +30,19 @@ lossless FFV1+PCM Matroska) and items hold paths; without it they hold arrays (i
 uint8, audio float32 at 16 kHz, video (T, H, W, 3) uint8 plus `"audio"` for a soundtrack).
 Everything is a pure function of (seed, split, index): the train and eval splits use disjoint
 random streams, and generating sample i never depends on how many others were generated.
+
+Speech (`speech=SpokenAnswers(...)`, for talker training): each answer word has its own codec code
+sequence (`answer_codes`: 3–6 frames, a pure function of the word), which the assistant turn carries as
+its target speech; the av_* tasks cannot be spoken (their audio is interleaved with the video, which the
+talker's positions do not place).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -52,6 +59,8 @@ __all__ = [
     "DIRECTIONS",
     "ANSWERS",
     "SYSTEM_PROMPT",
+    "SpokenAnswers",
+    "answer_codes",
     "generate",
     "generate_sample",
     "corpus",
@@ -193,6 +202,21 @@ def _rng(seed: int, split: str, index: int, task: str) -> np.random.Generator:
     return np.random.default_rng([seed, _SPLIT_STREAM[split], index, list(ANSWERS).index(task)])
 
 
+@dataclass(frozen=True)
+class SpokenAnswers:
+    """How answers are spoken: the talker's code groups and codebook size, and the speaker."""
+
+    groups: int
+    codebook: int
+    speaker: str = "ethan"
+
+
+def answer_codes(answer: str, groups: int, codebook: int) -> np.ndarray:
+    """(groups, frames) codes of a spoken answer word: 3–6 frames, a pure function of the word."""
+    key = zlib.crc32(answer.encode())
+    return np.random.default_rng(key).integers(0, codebook, (groups, 3 + key % 4))
+
+
 def _chat(user_content: list, answer: str, system: Optional[str]) -> list:
     messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
     messages.append({"role": "user", "content": user_content})
@@ -207,10 +231,14 @@ def generate_sample(
     split: str = "train",
     media_dir: Optional[os.PathLike] = None,
     system: Optional[str] = None,
+    speech: Optional[SpokenAnswers] = None,
 ) -> dict:
-    """Sample `index` of `task` (deterministic in (seed, split, index, task))."""
+    """Sample `index` of `task` (deterministic in (seed, split, index, task)); with `speech`, the answer spoken."""
     if task not in ANSWERS:
         raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+    if speech is not None and task.startswith("av_"):
+        raise ValueError(f"task {task} cannot be spoken: its audio is interleaved with the video (use_audio_in_video), "
+                         "which the talker's positions do not place; leave the av_* tasks out of a spoken set")
     rng = _rng(seed, split, index, task)
     sample_id = f"{split}-{index:06d}"
     answer = ANSWERS[task][rng.integers(len(ANSWERS[task]))]
@@ -264,6 +292,9 @@ def generate_sample(
         sound = {v: k for k, v in ANIMALS.items()}[answer]
         content = [{"type": "text", "text": f"Which animal says {sound}?"}]
     messages = _chat(content, answer, system)
+    if speech is not None:
+        codes = answer_codes(answer, speech.groups, speech.codebook)
+        messages[-1]["speech"] = {"codes": codes.tolist(), "speaker": speech.speaker}
     return {"id": sample_id, "task": task, "answer": answer, "use_audio_in_video": use_audio_in_video, "messages": messages}
 
 
