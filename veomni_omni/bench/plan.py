@@ -52,8 +52,14 @@ to the EP plan as Shard(0)). So:
                 adapted linear, k·r per routed copy for expert adapters); a frozen part with nothing
                 trainable upstream (the ViT without ViT adapters, the audio conv front end) builds no
                 autograd graph and keeps nothing.
+Speech output (`--train talker`: the talker and its code predictor train, the thinker frozen; `--train
+joint`: both train, thinker as above plus the talker): the whole released model on meta (thinker,
+talker, code2wav; `RELEASED_PARAMS`), frozen parts at their stored dtype, the FSDP units of patch
+`omni_fsdp_units`, the talker's experts under the same EP size; per rank `--spoken-turns` talker
+sequences of `--talker-context` + 9 + `--speech-frames` tokens (`plan_speech`, `TalkerActivations`).
 The plan also searches the fewest GPUs (and the EP size among the divisors) on which the layout fits.
-`--measure-cpu` checks the model against a real FSDP2 step of a reduced thinker on 2 CPU ranks (`plan_cpu`).
+`--measure-cpu` checks the model against a real FSDP2 step of a reduced thinker on 2 CPU ranks (`plan_cpu`);
+with `--train talker`, talker training of a reduced omni model (`configs.cpu_omni_config`).
 """
 
 from __future__ import annotations
@@ -600,13 +606,14 @@ def plan_speech(args, model) -> dict:
                             layers' shards made): root + the talker's root gradients (unsharded, counted
                             whole) + the unit and the next in compute dtype + its reduce-dtype gradient
                             + every activation (+ the recomputed layer)
-                  talker:   a talker layer's backward (the second talker layer: the code predictor's and
-                            the later talker layers' gradient shards made), as above; the code predictor's
-                            activations are freed by then
+                  talker:   a talker layer's backward (the second talker layer, prefetching the first;
+                            or the first, prefetching the last thinker text layer, the unit before it in
+                            forward), as above; the code predictor's activations are freed by then
                   thinker_layers (joint): the thinker's `_backward_units` with every talker gradient
                             shard made, the talker's activations freed
                   end:      the root's reduce-scatter: its unsharded gradients, their reduce-dtype copy,
-                            every sharded gradient
+                            every sharded gradient; with the thinker frozen, also the thinker layer FSDP2
+                            prefetched for a backward that never runs (it stays gathered to the step's end)
     The talker's sequences: `--spoken-turns` per rank, each `--talker-context` thinker tokens before it
     and `--speech-frames` frames (the released codec: 12.5 frames a second)."""
     config = model.config
@@ -647,7 +654,17 @@ def plan_speech(args, model) -> dict:
     thinker_logits = tokens * thinker_text.vocab_size * (b_compute + 12) if joint and args.ce == "full" else 0.0
     talker_text_shard = _numel(talker_layers[0], trainable_only=True) / args.gpus * b_grad
     predictor_shards = _numel(model.talker.code_predictor.model.layers, trainable_only=True) / args.gpus * b_grad
-    talker_unit = (1 + args.prefetch) * units["talker_layer"] * b_compute + units["talker_layer"] * b_reduce
+    # a talker layer's backward: (gradient shards made, the unit + the one FSDP2 prefetches + its reduce-dtype
+    # gradient); the first talker layer prefetches the last thinker text layer (the unit before it in forward)
+    talker_positions = [
+        ((len(talker_layers) - 2) * talker_text_shard + predictor_shards, (1 + args.prefetch) * units["talker_layer"] * b_compute),
+        ((len(talker_layers) - 1) * talker_text_shard + predictor_shards,
+         (units["talker_layer"] + args.prefetch * units["text_layer"]) * b_compute),
+    ]
+    talker_done, talker_unit = max(talker_positions, key=sum)
+    talker_unit += units["talker_layer"] * b_reduce
+    # a frozen thinker's layer gathered by that prefetch never runs a backward: it stays unsharded to the step's end
+    stray_layer = 0.0 if joint else args.prefetch * units["text_layer"] * b_compute
     predictor_layers = model.talker.code_predictor.model.layers
     predictor_unit = (1 + args.prefetch) * units["predictor_layer"] * b_compute + units["predictor_layer"] * b_reduce
 
@@ -669,11 +686,10 @@ def plan_speech(args, model) -> dict:
                 **thinker_acts, **speech, "act_recompute": predictor_recompute,
             },
             "talker": {
-                "grads": (len(talker_layers) - 2) * talker_text_shard + predictor_shards,
-                "root_unsharded": root_params + root_grads, "layer_unsharded": talker_unit,
+                "grads": talker_done, "root_unsharded": root_params + root_grads, "layer_unsharded": talker_unit,
                 **thinker_acts, "act_talker": speech["act_talker"], "act_recompute": talker_recompute,
             },
-            "end": {"grads": static["grads"], "root_unsharded": root_grads + root_trainable * b_reduce},
+            "end": {"grads": static["grads"], "root_unsharded": root_grads + root_trainable * b_reduce, "layer_unsharded": stray_layer},
         }
         if joint:
             thinker_units = fsdp_units(model.thinker, args.ep)

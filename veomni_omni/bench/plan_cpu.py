@@ -62,9 +62,11 @@ def thinker_config(name: str):
 
 
 def measure_spec(config="cpu", batch="row", ep=1, sp=1, mixed_precision=True, grad_ckpt=True, optimizer="adamw",
-                 lora_rank=0, lora_targets=(), measure_memory=True, timed_steps=0, train="thinker") -> dict:
+                 lora_rank=0, lora_targets=(), measure_memory=True, timed_steps=0, train="thinker",
+                 speech_frames=SPEECH_FRAMES) -> dict:
     """The worker's spec (defaults: `plan --measure-cpu`'s run). `train` "talker": the whole model of
-    `config` (an omni config) with the thinker and code2wav frozen, on the "speech" batch."""
+    `config` (an omni config) with the thinker and code2wav frozen, on the "speech" batch (spoken turns
+    of `speech_frames` frames)."""
     if optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer {optimizer!r}: adamw or sgd")
     if RANKS % ep or RANKS % sp:
@@ -73,11 +75,11 @@ def measure_spec(config="cpu", batch="row", ep=1, sp=1, mixed_precision=True, gr
         raise ValueError(f"train {train!r}: thinker or talker")
     return dict(config=config, batch=batch, ep=ep, sp=sp, mixed_precision=mixed_precision, grad_ckpt=grad_ckpt,
                 optimizer=optimizer, lora_rank=lora_rank, lora_targets=list(lora_targets),
-                measure_memory=measure_memory, timed_steps=timed_steps, train=train)
+                measure_memory=measure_memory, timed_steps=timed_steps, train=train, speech_frames=speech_frames)
 
 
-def speech_batch(config, rank: int) -> dict:
-    """Rank `rank`'s packed row of two spoken chats (`SPEECH_FRAMES` frames each), encoded by the tiny
+def speech_batch(config, rank: int, frames: int = SPEECH_FRAMES) -> dict:
+    """Rank `rank`'s packed row of two spoken chats (`frames` frames each), encoded by the tiny
     processor as training data is (`encode_sample`)."""
     import numpy as np
     import torch
@@ -100,7 +102,7 @@ def speech_batch(config, rank: int) -> dict:
                 {"type": "text", "text": "what do you see and hear? " * 8},
             ]},
             {"role": "assistant", "content": "a red circle and a low tone " * 4,
-             "speech": {"codes": rng.integers(0, TINY_CODEBOOK, (groups, SPEECH_FRAMES)), "speaker": speaker}},
+             "speech": {"codes": rng.integers(0, TINY_CODEBOOK, (groups, frames)), "speaker": speaker}},
         ]
         encoded = encode_sample({"messages": chat}, processor, config)
         rows.append({k: (v[:, None] if k == "position_ids" else v[None] if v.ndim == 1 and k in ("input_ids", "attention_mask", "labels", "talker_frames", "talker_speakers") else v)
@@ -128,7 +130,7 @@ def rank_batch(spec: dict, config, dp_rank: int, sp_rank: int) -> dict:
     from veomni_omni.bench.configs import rank_share, realwidth_dp_batches
 
     if spec["batch"] == "speech":
-        return speech_batch(config, dp_rank)
+        return speech_batch(config, dp_rank, spec["speech_frames"])
     if spec["batch"] == "row":  # one row per data-parallel rank, or both packed into one SP sequence
         batches = [build_batch([ROW], config, seed=seed, with_position_ids=True) for seed in range(RANKS)]
         if spec["sp"] == 1:
