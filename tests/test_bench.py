@@ -127,6 +127,59 @@ def test_plan_lora_counts_the_adapters_veomni_injects(capsys):
     assert "fewest 80 GiB GPUs" in out
 
 
+def test_plan_talker_counts_the_released_model(capsys):
+    """`--train talker`: the whole released model on meta (as many parameters as the published checkpoint),
+    its parts counted independently here; the thinker and code2wav frozen (their fp32 shards only), the
+    talker with its code predictor trained (fp32 shards, gradients, AdamW states)."""
+    from veomni_omni.bench.plan import GIB, RELEASED_PARAMS, build_meta_omni
+
+    gpus = 8
+    code, payload, out = run_bench(capsys, "plan", "--gpus", str(gpus), "--ep", "8", "--train", "talker", "--json")
+    assert code == 0
+    model = build_meta_omni()
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    parts = {name: count(getattr(model, name)) for name in ("thinker", "talker", "code2wav")}
+    assert payload["param_parts"] == parts
+    assert sum(parts.values()) == RELEASED_PARAMS
+    assert payload["trainable_params"] == parts["talker"]
+    talker = model.talker
+    units = payload["fsdp_units_params"]
+    experts = count(talker.model.layers[0].mlp.experts)
+    assert units["talker_layer"] == count(talker.model.layers[0]) - experts + experts // 8
+    assert units["predictor_layer"] == count(talker.code_predictor.model.layers[0])
+    wrapped = [*model.thinker.model.language_model.layers, *model.thinker.model.visual.blocks, *model.thinker.model.audio_tower.layers,
+               *talker.model.layers, *talker.code_predictor.model.layers]
+    assert units["root"] == RELEASED_PARAMS - sum(count(m) for m in wrapped)
+    breakdown, close = payload["breakdown_gib"], lambda v: pytest.approx(v, rel=1e-5)  # noqa: E731  (the JSON rounds)
+    assert breakdown["frozen_params"] * GIB == close((parts["thinker"] + parts["code2wav"]) * 4 / gpus)
+    assert breakdown["params"] * GIB == close(parts["talker"] * 4 / gpus)
+    assert breakdown["adamw_states"] * GIB == close(parts["talker"] * 8 / gpus)
+    assert payload["static_gib"] * GIB == close(parts["talker"] * 16 / gpus + (parts["thinker"] + parts["code2wav"]) * 4 / gpus)
+    assert payload["fits"] == (payload["per_rank_gib"] <= payload["gpu_mem_gib"])
+    assert "thinker" in payload["phases_gib"] and "thinker_layers" not in payload["phases_gib"]  # a no-grad forward only
+    layout = payload["layout"]
+    assert layout["talker_tokens"] == 2 * (2048 + 9 + 375) and layout["code_predictor_tokens"] == 2 * 375 * 16
+    assert "speech output" in out
+
+
+def test_plan_joint_trains_both_and_thinker_only_is_unchanged(capsys):
+    """`--train joint` trains the thinker as the thinker-only plan does plus the talker on top: more
+    memory than either; the speech options do not touch the thinker-only plan."""
+    layout = ["--gpus", "8", "--ep", "8", "--json"]
+    _, thinker, _ = run_bench(capsys, "plan", *layout)
+    _, explicit, _ = run_bench(capsys, "plan", *layout, "--train", "thinker", "--spoken-turns", "7", "--speech-frames", "11")
+    _, talker, _ = run_bench(capsys, "plan", *layout, "--train", "talker")
+    _, joint, _ = run_bench(capsys, "plan", *layout, "--train", "joint")
+    for payload in (thinker, explicit):
+        payload.pop("machine")
+    assert explicit == thinker
+    parts = joint["param_parts"]
+    assert joint["trainable_params"] == parts["thinker"] + parts["talker"]
+    assert joint["per_rank_gib"] > thinker["per_rank_gib"] > talker["per_rank_gib"]
+    assert "thinker_layers" in joint["phases_gib"]
+    assert joint["activations_gib"]["with_ckpt"] > talker["activations_gib"]["with_ckpt"]
+
+
 def test_plan_lora_matches_memory_measured_on_cpu_ranks(capsys):
     """The plan against the per-rank memory of a real LoRA step under FSDP2 on 2 gloo ranks (the
     reduced thinker): the sharded state exactly, the step's peak within 15 %."""

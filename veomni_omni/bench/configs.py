@@ -20,7 +20,7 @@ from typing import Optional
 from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeThinkerConfig
 
 from veomni_omni.data.shaped_batches import build_batch
-from veomni_omni.tiny import MEL_BINS, THINKER_TOKEN_IDS, TOKENS
+from veomni_omni.tiny import MEL_BINS, THINKER_TOKEN_IDS, TINY_CODEBOOK, TINY_CODEC, TOKENS, tiny_omni_config
 
 def cpu_thinker_config(output_router_logits: bool = True) -> Qwen3OmniMoeThinkerConfig:
     """~25M parameters: 4 MoE layers (32 experts, top-4), a 4-block ViT with 3 deepstack levels,
@@ -64,6 +64,36 @@ def cpu_thinker_config(output_router_logits: bool = True) -> Qwen3OmniMoeThinker
         architectures=["Qwen3OmniMoeThinkerForConditionalGeneration"],
         **THINKER_TOKEN_IDS,
     )
+
+
+def cpu_omni_config() -> Qwen3OmniMoeConfig:
+    """`cpu_thinker_config` with a talker of the released talker's shape at reduced width, for `plan
+    --train talker --measure-cpu`: an MoE decoder with a shared expert (4 layers, 16 experts, top-4), the
+    hidden state taken halfway up the thinker (released: 24 of 48), a dense code predictor over the
+    released 16 code groups; the tiny codec vocabulary (`TINY_CODEC`) and token roles, so the tiny
+    processor encodes its spoken samples."""
+    thinker = cpu_thinker_config()
+    roles = tiny_omni_config().to_dict()
+    groups, hidden = 16, 128
+    talker = {
+        **roles["talker_config"],
+        "text_config": dict(
+            vocab_size=TINY_CODEC["vocab"], hidden_size=hidden, intermediate_size=256, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, moe_intermediate_size=64, num_experts=16,
+            num_experts_per_tok=4, shared_expert_intermediate_size=128,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [6, 5, 5], "interleaved": True},
+        ),
+        "code_predictor_config": dict(
+            vocab_size=TINY_CODEBOOK, hidden_size=hidden, intermediate_size=384, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_code_groups=groups,
+        ),
+        "num_code_groups": groups,
+        "thinker_hidden_size": thinker.text_config.hidden_size,
+        "accept_hidden_layer": thinker.text_config.num_hidden_layers // 2,
+    }
+    code2wav = {**roles["code2wav_config"], "num_quantizers": groups}
+    top = {k: v for k, v in roles.items() if k not in ("thinker_config", "talker_config", "code2wav_config")}
+    return Qwen3OmniMoeConfig(**{**top, "thinker_config": thinker.to_dict(), "talker_config": talker, "code2wav_config": code2wav})
 
 
 def cpu_mixed_batch(config: Qwen3OmniMoeThinkerConfig, quick: bool = False, with_position_ids: bool = True) -> dict:

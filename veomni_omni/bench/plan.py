@@ -52,8 +52,14 @@ to the EP plan as Shard(0)). So:
                 adapted linear, k·r per routed copy for expert adapters); a frozen part with nothing
                 trainable upstream (the ViT without ViT adapters, the audio conv front end) builds no
                 autograd graph and keeps nothing.
+Speech output (`--train talker`: the talker and its code predictor train, the thinker frozen; `--train
+joint`: both train, thinker as above plus the talker): the whole released model on meta (thinker,
+talker, code2wav; `RELEASED_PARAMS`), frozen parts at their stored dtype, the FSDP units of patch
+`omni_fsdp_units`, the talker's experts under the same EP size; per rank `--spoken-turns` talker
+sequences of `--talker-context` + 9 + `--speech-frames` tokens (`plan_speech`, `TalkerActivations`).
 The plan also searches the fewest GPUs (and the EP size among the divisors) on which the layout fits.
-`--measure-cpu` checks the model against a real FSDP2 step of a reduced thinker on 2 CPU ranks (`plan_cpu`).
+`--measure-cpu` checks the model against a real FSDP2 step of a reduced thinker on 2 CPU ranks (`plan_cpu`);
+with `--train talker`, talker training of a reduced omni model (`configs.cpu_omni_config`).
 """
 
 from __future__ import annotations
@@ -73,6 +79,9 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "none": 0}
 
 # docs/design.md §3, in billions of parameters.
 DESIGN_PARAMS_B = {"thinker": 31.7, "experts": 29.0, "audio": 0.65, "vision": 0.54}
+# Every parameter of Qwen/Qwen3-Omni-30B-A3B-Instruct's 15 safetensors files (thinker, talker, code2wav),
+# as the Hugging Face Hub's safetensors metadata counts them; the meta model of `qwen3_omni_30b_a3b.json` has as many.
+RELEASED_PARAMS = 35_259_818_545
 
 # VeOmni's names for Qwen-family LoRA (its config.QWEN2_LORA_MODULES): attention projections, and the
 # MLP names that VeOmni maps onto the fused experts (gate_up_proj, down_proj) of a MoE model.
@@ -331,8 +340,28 @@ def _backward_units(model, units: dict, trained_units: dict, args, b_compute: in
     return positions
 
 
+def build_meta_omni(config=None):
+    """The whole released model (thinker, talker, code2wav) on the meta device."""
+    import veomni_omni  # noqa: F401
+    from transformers import Qwen3OmniMoeForConditionalGeneration
+
+    from .configs import released_config
+
+    with torch.device("meta"):
+        return Qwen3OmniMoeForConditionalGeneration(config or released_config())
+
+
 def build_planned_model(args, config=None):
-    """The thinker on meta, LoRA-wrapped when `args.lora_rank` (returns the thinker, adapters injected)."""
+    """The thinker on meta, LoRA-wrapped when `args.lora_rank` (returns the thinker, adapters injected);
+    for speech output (`args.train` talker or joint) the whole model, what does not train frozen: code2wav,
+    and the thinker unless joint."""
+    if args.train != "thinker":
+        if args.lora_rank:
+            raise SystemExit("--lora-rank plans the thinker's LoRA only; use it with --train thinker")
+        model = build_meta_omni(config)
+        model.code2wav.requires_grad_(False)
+        model.thinker.requires_grad_(args.train == "joint")
+        return model
     model = build_meta_thinker(config)
     if args.lora_rank:
         apply_lora(model, lora_config(args.lora_rank, args.lora_targets))
@@ -343,6 +372,8 @@ def plan(args, model=None) -> dict:
     if args.gpus % args.ep or args.gpus % args.sp:
         raise SystemExit(f"--ep ({args.ep}) and --sp ({args.sp}) must divide --gpus ({args.gpus})")
     model = model or build_planned_model(args)
+    if args.train != "thinker":
+        return plan_speech(args, model)
     config = model.config
     text = config.text_config
     if text.num_experts % args.ep:
@@ -450,14 +481,286 @@ def plan(args, model=None) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- speech output (talker)
+
+
+@dataclass
+class TalkerActivations:
+    """Elements (compute dtype) that talker training keeps for backward (models/talker.py), from the
+    talker config's widths. Per spoken turn, a talker sequence of `context` projected thinker tokens
+    (its user turns; the answer's text is projected too and is counted with them), 9 prefix tokens
+    and `frames` codec frames; the code predictor runs one row of `groups` tokens per frame.
+
+    talker layer, per talker token:  the thinker's text layer formula at the talker's widths
+                                     + shared expert 4Is + Ht + 2 (gate, up, SiLU, product; its output
+                                     and its sigmoid gate, kept for the gating multiply)
+    code predictor layer, per row token: 2Hc + 3q + 3kv (attention) + 2Hc + 4Ic (dense SwiGLU MLP)
+    projections, per context token:  3·Hth + Ht (ResizeMLP input, fc1 out, SiLU out; the projection)
+    sequence, per talker token:      3Ht (the concatenated sequence, its padded stack, the final norm's
+                                     input; + its output below) and per frame G·Ht (each group's codec
+                                     embedding, kept for the code predictor's input)
+    code predictor input, per frame: 2·G·Hc (each frame's row and their concatenation) + (G−1)·Hc head inputs
+    with gradient checkpointing: each layer's input only (Ht, Hc per token), plus the layer being
+    recomputed in backward: a talker layer's activations and as much again for their gradients (the
+    thinker's MoE rule); a code predictor layer's activations and the gradients of its MLP's widest
+    backward step (3Ic + Hc: the SwiGLU product's, the gate's and the up projection's, the output's)
+    logits: talker (frames + 1) × its codec vocabulary, code predictor frames × (G − 1) × codebook, each
+    per element in the compute dtype twice (the per-turn / per-head results and their concatenation)
+    plus the fp32 copy, log-softmax and its gradient of the cross entropy (3 × 4 B)."""
+
+    Ht: int
+    qt: int
+    kvt: int
+    Et: int
+    kt: int
+    It: int
+    Is: int
+    talker_layers: int
+    Hc: int
+    qc: int
+    kvc: int
+    Ic: int
+    predictor_layers: int
+    groups: int
+    Hth: int
+    talker_vocab: int
+    codebook: int
+
+    @classmethod
+    def from_config(cls, config) -> "TalkerActivations":
+        talker = config.talker_config
+        t, c = talker.text_config, talker.code_predictor_config
+        return cls(
+            Ht=t.hidden_size, qt=t.num_attention_heads * t.head_dim, kvt=t.num_key_value_heads * t.head_dim, Et=t.num_experts,
+            kt=t.num_experts_per_tok, It=t.moe_intermediate_size, Is=t.shared_expert_intermediate_size, talker_layers=t.num_hidden_layers,
+            Hc=c.hidden_size, qc=c.num_attention_heads * c.head_dim, kvc=c.num_key_value_heads * c.head_dim, Ic=c.intermediate_size,
+            predictor_layers=c.num_hidden_layers, groups=talker.num_code_groups, Hth=talker.thinker_hidden_size,
+            talker_vocab=t.vocab_size, codebook=c.vocab_size,
+        )
+
+    @property
+    def talker_layer(self) -> int:
+        attention = 2 * self.Ht + 3 * self.qt + 3 * self.kvt
+        moe = 2 * self.Ht + 4 * self.Et + self.kt * (2 * self.Ht + 3 * self.It)
+        return attention + moe + 4 * self.Is + self.Ht + 2
+
+    @property
+    def predictor_layer(self) -> int:
+        return (2 * self.Hc + 3 * self.qc + 3 * self.kvc) + (2 * self.Hc + 4 * self.Ic)
+
+    def elements(self, turns: float, context: float, frames: float, checkpointing: bool) -> dict[str, float]:
+        """Per rank, for `turns` spoken turns each of `context` thinker tokens and `frames` frames."""
+        tokens = turns * (context + 9 + frames)
+        rows = turns * frames * self.groups
+        talker_kept, predictor_kept = (self.Ht, self.Hc) if checkpointing else (self.talker_layer, self.predictor_layer)
+        per = {
+            "talker": tokens * (talker_kept * self.talker_layers + 4 * self.Ht)
+            + turns * (context * (3 * self.Hth + self.Ht) + frames * self.groups * self.Ht),
+            "code_predictor": rows * (predictor_kept * self.predictor_layers + 2 * self.Hc)
+            + turns * frames * (3 * self.groups - 1) * self.Hc,
+        }
+        if checkpointing:
+            per["recompute_talker"] = 2 * tokens * self.talker_layer
+            per["recompute_code_predictor"] = rows * (self.predictor_layer + 3 * self.Ic + self.Hc)
+        return per
+
+    def logit_elements(self, turns: float, frames: float) -> float:
+        return turns * ((frames + 1) * self.talker_vocab + frames * (self.groups - 1) * self.codebook)
+
+
+def speech_units(model, ep: int) -> dict[str, int]:
+    """Parameters all-gathered per FSDP unit of the top-level model (patch `omni_fsdp_units`): the
+    thinker's units (a text layer with its num_experts/ep local experts), a talker decoder layer (its
+    local experts), a code predictor decoder layer; the root is everything else: the thinker's embeddings,
+    lm_head and encoder stems, the talker's codec embedding, projections and codec head, the code
+    predictor's embeddings and heads, and code2wav."""
+    thinker = fsdp_units(model.thinker, ep)
+    talker_layers, predictor_layers = model.talker.model.layers, model.talker.code_predictor.model.layers
+    experts = _numel(talker_layers[0].mlp.experts)
+    wrapped = sum(_numel(unit) for unit in _thinker_unit_modules(model.thinker))
+    return {
+        "text_layer": thinker["text_layer"], "vit_block": thinker["vit_block"], "audio_layer": thinker["audio_layer"],
+        "talker_layer": _numel(talker_layers[0]) - experts + experts // ep,
+        "predictor_layer": _numel(predictor_layers[0]),
+        "root": _numel(model) - wrapped - _numel(talker_layers) - _numel(predictor_layers),
+    }
+
+
+def _thinker_unit_modules(thinker) -> list:
+    return [*thinker.model.language_model.layers, *thinker.model.visual.blocks, *thinker.model.audio_tower.layers]
+
+
+def plan_speech(args, model) -> dict:
+    """`plan` for speech output (`--train talker`: thinker frozen; `--train joint`: thinker and talker).
+
+    resident    = trainable/gpus · (param + master + 2·optimizer) + frozen/gpus · param
+                  (the frozen thinker and code2wav keep their shards in the stored dtype, no gradient, no state)
+    kept        = what the talker reads from the thinker: the captured `accept_hidden_layer` state and the
+                  input embeddings (T·Hth each)
+    phases      = thinker:  (frozen thinker) its no-grad forward: the gathered root, the running thinker
+                            unit and the prefetched one, one layer's transient activations (the largest of
+                            a text layer, ViT block, audio layer), the hidden stream (T·Hth, residual and
+                            output), the captured state and the deepstack features
+                  loss:     root + kept + the thinker's activations (joint) + the talker's + all logits
+                  code_predictor: a code predictor layer's backward (the last one run: the other
+                            layers' shards made): root + the talker's root gradients (unsharded, counted
+                            whole) + the unit and the next in compute dtype + its reduce-dtype gradient
+                            + every activation (+ the recomputed layer)
+                  talker:   a talker layer's backward (the second talker layer, prefetching the first;
+                            or the first, prefetching the last thinker text layer, the unit before it in
+                            forward), as above; the code predictor's activations are freed by then
+                  thinker_layers (joint): the thinker's `_backward_units` with every talker gradient
+                            shard made, the talker's activations freed
+                  end:      the root's reduce-scatter: its unsharded gradients, their reduce-dtype copy,
+                            every sharded gradient; with the thinker frozen, also the thinker layer FSDP2
+                            prefetched for a backward that never runs (it stays gathered to the step's end)
+    The talker's sequences: `--spoken-turns` per rank, each `--talker-context` thinker tokens before it
+    and `--speech-frames` frames (the released codec: 12.5 frames a second)."""
+    config = model.config
+    thinker_text, talker_text = config.thinker_config.text_config, config.talker_config.text_config
+    for name, experts in (("thinker", thinker_text.num_experts), ("talker", talker_text.num_experts)):
+        if experts % args.ep:
+            raise SystemExit(f"--ep {args.ep} must divide the {name}'s {experts} experts")
+    if args.sp != 1:
+        raise SystemExit("speech training under Ulysses SP is not supported (models/talker.py): use --sp 1")
+    joint = args.train == "joint"
+
+    parts = {name: _numel(getattr(model, name)) for name in ("thinker", "talker", "code2wav")}
+    trainable = _numel(model, trainable_only=True)
+    frozen = sum(parts.values()) - trainable
+    b_param, b_grad, b_master, b_optim = (BYTES[args.param_dtype], BYTES[args.grad_dtype], BYTES[args.master_dtype], BYTES[args.optim_dtype])
+    b_compute, b_reduce = BYTES[args.compute_dtype], BYTES[args.reduce_dtype]
+    static = {
+        "params": trainable / args.gpus * b_param,
+        "grads": trainable / args.gpus * b_grad,
+        "master": trainable / args.gpus * b_master,
+        "adamw_states": trainable / args.gpus * 2 * b_optim,
+        "frozen_params": frozen / args.gpus * b_param,
+    }
+    units = speech_units(model, args.ep)
+    talker_layers = model.talker.model.layers
+    root_trainable = trainable - sum(_numel(u, trainable_only=True) for u in (*talker_layers, *model.talker.code_predictor.model.layers))
+    if joint:
+        root_trainable -= sum(_numel(u) for u in _thinker_unit_modules(model.thinker))
+    root_params, root_grads = units["root"] * b_compute, root_trainable * b_compute
+
+    tokens = args.seq_len * args.micro_batch
+    visual, audio = tokens * args.visual_frac, tokens * args.audio_frac
+    acts = ActivationModel.from_model(model.thinker)
+    talker_acts = TalkerActivations.from_config(config)
+    H = thinker_text.hidden_size
+    kept = {"thinker_state_for_talker": 2 * tokens * H * b_compute}
+    speech_logits = talker_acts.logit_elements(args.spoken_turns, args.speech_frames) * (2 * b_compute + 12)
+    thinker_logits = tokens * thinker_text.vocab_size * (b_compute + 12) if joint and args.ce == "full" else 0.0
+    talker_text_shard = _numel(talker_layers[0], trainable_only=True) / args.gpus * b_grad
+    predictor_shards = _numel(model.talker.code_predictor.model.layers, trainable_only=True) / args.gpus * b_grad
+    # a talker layer's backward: (gradient shards made, the unit + the one FSDP2 prefetches + its reduce-dtype
+    # gradient); the first talker layer prefetches the last thinker text layer (the unit before it in forward)
+    talker_positions = [
+        ((len(talker_layers) - 2) * talker_text_shard + predictor_shards, (1 + args.prefetch) * units["talker_layer"] * b_compute),
+        ((len(talker_layers) - 1) * talker_text_shard + predictor_shards,
+         (units["talker_layer"] + args.prefetch * units["text_layer"]) * b_compute),
+    ]
+    talker_done, talker_unit = max(talker_positions, key=sum)
+    talker_unit += units["talker_layer"] * b_reduce
+    # a frozen thinker's layer gathered by that prefetch never runs a backward: it stays unsharded to the step's end
+    stray_layer = 0.0 if joint else args.prefetch * units["text_layer"] * b_compute
+    predictor_layers = model.talker.code_predictor.model.layers
+    predictor_unit = (1 + args.prefetch) * units["predictor_layer"] * b_compute + units["predictor_layer"] * b_reduce
+
+    phase_bytes, act_bytes = {}, {}
+    for mode, ckpt in (("with_ckpt", True), ("without_ckpt", False)):
+        speech = {f"act_{k}": v * b_compute for k, v in talker_acts.elements(args.spoken_turns, args.talker_context, args.speech_frames, ckpt).items()}
+        talker_recompute = speech.pop("act_recompute_talker", 0.0)
+        predictor_recompute = speech.pop("act_recompute_code_predictor", 0.0)
+        thinker_acts = {}
+        if joint:
+            thinker_acts = {f"act_thinker_{k}": v * b_compute for k, v in acts.elements(tokens, visual, audio, ckpt).items()}
+        thinker_recompute = thinker_acts.pop("act_thinker_recompute", 0.0)
+        act_bytes[mode] = {**thinker_acts, **speech, "act_logits": speech_logits + thinker_logits}
+        phases = {
+            "loss": {"root_unsharded": root_params, **kept, **thinker_acts, **speech, "act_logits": speech_logits + thinker_logits},
+            "code_predictor": {
+                "grads": predictor_shards * (len(predictor_layers) - 1) / len(predictor_layers),
+                "root_unsharded": root_params + root_grads, "layer_unsharded": predictor_unit,
+                **thinker_acts, **speech, "act_recompute": predictor_recompute,
+            },
+            "talker": {
+                "grads": talker_done, "root_unsharded": root_params + root_grads, "layer_unsharded": talker_unit,
+                **thinker_acts, "act_talker": speech["act_talker"], "act_recompute": talker_recompute,
+            },
+            "end": {"grads": static["grads"], "root_unsharded": root_grads + root_trainable * b_reduce, "layer_unsharded": stray_layer},
+        }
+        if joint:
+            thinker_units = fsdp_units(model.thinker, args.ep)
+            talker_shards = _numel(model.talker, trainable_only=True) / args.gpus * b_grad
+            done, unit = max(_backward_units(model.thinker, thinker_units, thinker_units, args, b_compute, b_reduce, b_grad).values(), key=sum)
+            phases["thinker_layers"] = {
+                "grads": done + talker_shards, "root_unsharded": root_params + root_grads, "layer_unsharded": unit,
+                **thinker_acts, "act_recompute": thinker_recompute,
+            }
+        else:
+            encoder = max(units["vit_block"], units["audio_layer"])
+            transient = max(tokens * acts.text_layer, visual * acts.merge * (8 * acts.Hv + 2 * acts.Iv), audio * (8 * acts.Ha + 2 * acts.Ia))
+            phases["thinker"] = {
+                "root_unsharded": root_params,
+                "layer_unsharded": (1 + args.prefetch) * max(units["text_layer"], encoder) * b_compute,
+                "act_thinker_no_grad": (transient + 3 * tokens * H + visual * (acts.mergers - 1) * H) * b_compute,
+            }
+        phase_bytes[mode] = phases
+    mode = "with_ckpt" if args.grad_ckpt else "without_ckpt"
+
+    resident = {k: v for k, v in static.items() if k != "grads"}
+    overhead = args.overhead_gib * GIB
+    peak_phase = {m: max(phases, key=lambda name: sum(phases[name].values())) for m, phases in phase_bytes.items()}
+    per_rank_by_mode = {m: (sum(resident.values()) + overhead + sum(phase_bytes[m][peak_phase[m]].values())) / GIB for m in phase_bytes}
+    breakdown = {**resident, **phase_bytes[mode][peak_phase[mode]], "overhead": overhead}
+    per_rank = sum(breakdown.values())
+    return {
+        "per_rank_gib": per_rank / GIB,
+        "fits": per_rank <= args.gpu_mem_gib * GIB,
+        "gpu_mem_gib": args.gpu_mem_gib,
+        "train": args.train,
+        "layout": {
+            "gpus": args.gpus, "ep": args.ep, "sp": args.sp, "dense_fsdp": args.gpus, "ep_fsdp": args.gpus // args.ep,
+            "local_experts": thinker_text.num_experts // args.ep, "talker_local_experts": talker_text.num_experts // args.ep,
+            "data_parallel_groups": args.gpus, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "tokens_per_rank": tokens,
+            "visual_frac": args.visual_frac, "audio_frac": args.audio_frac, "grad_ckpt": args.grad_ckpt, "ce": args.ce,
+            "spoken_turns": args.spoken_turns, "talker_context": args.talker_context, "speech_frames": args.speech_frames,
+            "talker_tokens": args.spoken_turns * (args.talker_context + 9 + args.speech_frames),
+            "code_predictor_tokens": args.spoken_turns * args.speech_frames * talker_acts.groups,
+        },
+        "lora": None,
+        "breakdown_gib": {k: v / GIB for k, v in breakdown.items()},
+        "peak_phase": peak_phase[mode],
+        "phases_gib": {name: sum(items.values()) / GIB for name, items in phase_bytes[mode].items()},
+        "static_gib": sum(static.values()) / GIB,
+        "activations_gib": {m: sum(v.values()) / GIB for m, v in act_bytes.items()},
+        "per_rank_gib_by_mode": per_rank_by_mode,
+        "params_b": {**{k: v / 1e9 for k, v in parts.items()}, "total": sum(parts.values()) / 1e9, "trainable": trainable / 1e9},
+        "param_parts": parts,
+        "trainable_params": trainable,
+        "released_params": RELEASED_PARAMS,
+        "fsdp_units_params": units,
+        "dtypes": {
+            "param": args.param_dtype, "grad": args.grad_dtype, "master": args.master_dtype,
+            "adamw_state": args.optim_dtype, "compute": args.compute_dtype, "reduce": args.reduce_dtype,
+        },
+        "bytes_per_param_static": b_param + b_grad + b_master + 2 * b_optim,
+        "warnings": [],
+    }
+
+
 def fewest_gpus(args, model, max_gpus: int = 1024) -> dict | None:
     """The fewest GPUs (with the EP size, among those dividing the GPUs and the experts, that needs
     the least memory) on which `args`' run fits; None if none up to `max_gpus` does."""
-    experts = model.config.text_config.num_experts
+    config = model.config
+    experts = [config.text_config.num_experts] if args.train == "thinker" else [
+        config.thinker_config.text_config.num_experts, config.talker_config.text_config.num_experts]
     for gpus in range(args.sp, max_gpus + 1, args.sp):
         layouts = [
             plan(argparse.Namespace(**{**vars(args), "gpus": gpus, "ep": ep}), model)
-            for ep in range(1, gpus + 1) if gpus % ep == 0 and experts % ep == 0
+            for ep in range(1, gpus + 1) if gpus % ep == 0 and all(e % ep == 0 for e in experts)
         ]
         best = min(layouts, key=lambda r: r["per_rank_gib"])
         if best["fits"]:
@@ -495,6 +798,13 @@ def build_parser():
         help="comma-separated `lora_modules` (VeOmni maps gate_proj/up_proj/down_proj to the fused experts; "
         "note that q_proj/k_proj/v_proj also name the audio tower's attention; ViT: qkv,proj,linear_fc1,linear_fc2)",
     )
+    parser.add_argument(
+        "--train", choices=["thinker", "talker", "joint"], default="thinker",
+        help="thinker: the thinker alone (default); talker: speech output with the thinker frozen; joint: both train",
+    )
+    parser.add_argument("--spoken-turns", type=int, default=2, help="(talker, joint) spoken assistant turns per rank and micro step")
+    parser.add_argument("--talker-context", type=int, default=2048, help="(talker, joint) thinker tokens (its user turns) each spoken turn's talker reads")
+    parser.add_argument("--speech-frames", type=int, default=375, help="(talker, joint) codec frames per spoken turn (12.5 a second: 375 = 30 s)")
     parser.add_argument("--measure-cpu", action="store_true", help="also run a reduced thinker under FSDP2 on 2 CPU ranks (gloo) and compare its per-rank memory with the plan")
     parser.add_argument("--measure-ep", type=int, choices=[1, 2], default=1, help="EP size of the --measure-cpu run")
     parser.add_argument("--quick", action="store_true", help="accepted for symmetry; plan is always quick")
@@ -506,6 +816,14 @@ def main(argv=None) -> int:
     model = build_planned_model(args)
     result = plan(args, model)
     result["fewest_gpus"] = fewest_gpus(args, model)
+    if args.train != "thinker":
+        _print_speech(result, args)
+        if args.measure_cpu:
+            from .plan_cpu import measure_cpu
+
+            result["measured_cpu"] = measure_cpu(args)
+        emit({"benchmark": "plan", **result, "machine": machine_info()}, args.json)
+        return 0
     if args.lora_rank:  # the same run as full fine-tuning
         full_args = argparse.Namespace(**{**vars(args), "lora_rank": 0})
         full_model = build_planned_model(full_args)
@@ -573,3 +891,42 @@ def main(argv=None) -> int:
         result["measured_cpu"] = measure_cpu(args)
     emit({"benchmark": "plan", **result, "machine": machine_info()}, args.json)
     return 0
+
+
+def _print_speech(result: dict, args) -> None:
+    lay, params = result["layout"], result["params_b"]
+    what = "talker and code predictor train, thinker frozen" if args.train == "talker" else "thinker, talker and code predictor train"
+    print(
+        format_table(
+            ["part", "params (B)", "trains"],
+            [[k, params[k], k == "talker" or (k == "thinker" and args.train == "joint")] for k in ("thinker", "talker", "code2wav")]
+            + [["total", params["total"], f"{params['trainable']:.2f}B"]],
+            title=f"plan: Qwen3-Omni-30B-A3B speech output ({what}); released checkpoint: {RELEASED_PARAMS / 1e9:.3f}B",
+        )
+    )
+    print()
+    print(
+        format_table(
+            ["per-rank item", "GiB"],
+            [[k, v] for k, v in result["breakdown_gib"].items()] + [["TOTAL", result["per_rank_gib"]]],
+            title=(
+                f"layout: {lay['gpus']} GPUs, ep {lay['ep']} ({lay['local_experts']} thinker / {lay['talker_local_experts']} talker experts per rank); "
+                f"{lay['tokens_per_rank']:.0f} thinker tokens/rank ({lay['visual_frac']:.0%} visual, {lay['audio_frac']:.0%} audio); "
+                f"{lay['spoken_turns']} spoken turns × ({lay['talker_context']} context + 9 + {lay['speech_frames']} frames) = "
+                f"{lay['talker_tokens']} talker tokens, {lay['code_predictor_tokens']} code predictor tokens; "
+                f"grad ckpt {'on' if lay['grad_ckpt'] else 'off'}\n"
+                f"dtypes: {result['dtypes']} → {result['bytes_per_param_static']} B/trainable param, {BYTES[args.param_dtype]} B/frozen param"
+            ),
+        )
+    )
+    print("peak phase: " + result["peak_phase"] + " (" + ", ".join(f"{k} {v:.2f}" for k, v in result["phases_gib"].items()) + " GiB on top of the resident state; see `plan_speech`)")
+    by_mode = result["per_rank_gib_by_mode"]
+    print(
+        f"per rank {result['per_rank_gib']:.1f} GiB of {result['gpu_mem_gib']:.0f} GiB → fits: {result['fits']} "
+        f"(with checkpointing {by_mode['with_ckpt']:.1f} GiB, without {by_mode['without_ckpt']:.1f} GiB)"
+    )
+    fewest = result["fewest_gpus"]
+    print(
+        f"fewest {args.gpu_mem_gib:.0f} GiB GPUs: {fewest['gpus']} (ep {fewest['ep']}) at {fewest['per_rank_gib']:.1f} GiB per GPU"
+        if fewest else f"fits on no layout of up to 1024 {args.gpu_mem_gib:.0f} GiB GPUs"
+    )

@@ -40,13 +40,19 @@ from pathlib import Path
 RANKS = 2
 # One row per rank: prompt, an image (16×16 patches → 64 tokens), text, an audio clip, text.
 ROW = [("prompt", 16), ("image", 1, 16, 16), ("text", 160), ("audio", 800), ("text", 96)]
+# Speech output (`plan --train talker --measure-cpu`): each rank packs two chats, a user turn with an image
+# and an audio clip, answered by a spoken turn of this many codec frames (16 s at 12.5 frames a second).
+SPEECH_FRAMES = 200
 
 
 def thinker_config(name: str):
     from veomni_omni.bench.configs import REALWIDTH_2RANK_VOCAB, cpu_thinker_config, realwidth_thinker_config
 
+    from veomni_omni.bench.configs import cpu_omni_config
+
     configs = {
         "cpu": cpu_thinker_config,
+        "cpu_omni": cpu_omni_config,
         "realwidth": realwidth_thinker_config,
         "realwidth_2rank": lambda: realwidth_thinker_config(vocab_size=REALWIDTH_2RANK_VOCAB),
     }
@@ -56,15 +62,66 @@ def thinker_config(name: str):
 
 
 def measure_spec(config="cpu", batch="row", ep=1, sp=1, mixed_precision=True, grad_ckpt=True, optimizer="adamw",
-                 lora_rank=0, lora_targets=(), measure_memory=True, timed_steps=0) -> dict:
-    """The worker's spec (defaults: `plan --measure-cpu`'s run)."""
+                 lora_rank=0, lora_targets=(), measure_memory=True, timed_steps=0, train="thinker",
+                 speech_frames=SPEECH_FRAMES) -> dict:
+    """The worker's spec (defaults: `plan --measure-cpu`'s run). `train` "talker": the whole model of
+    `config` (an omni config) with the thinker and code2wav frozen, on the "speech" batch (spoken turns
+    of `speech_frames` frames)."""
     if optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer {optimizer!r}: adamw or sgd")
     if RANKS % ep or RANKS % sp:
         raise ValueError(f"ep ({ep}) and sp ({sp}) must divide the {RANKS} ranks")
+    if train not in ("thinker", "talker"):
+        raise ValueError(f"train {train!r}: thinker or talker")
     return dict(config=config, batch=batch, ep=ep, sp=sp, mixed_precision=mixed_precision, grad_ckpt=grad_ckpt,
                 optimizer=optimizer, lora_rank=lora_rank, lora_targets=list(lora_targets),
-                measure_memory=measure_memory, timed_steps=timed_steps)
+                measure_memory=measure_memory, timed_steps=timed_steps, train=train, speech_frames=speech_frames)
+
+
+def speech_batch(config, rank: int, frames: int = SPEECH_FRAMES) -> dict:
+    """Rank `rank`'s packed row of two spoken chats (`frames` frames each), encoded by the tiny
+    processor as training data is (`encode_sample`)."""
+    import numpy as np
+    import torch
+
+    from veomni_omni.data.processor import build_tiny_processor
+    from veomni_omni.data.samples import encode_sample
+    from veomni_omni.data.sequence_parallel import pack_rows
+    from veomni_omni.data.shaped_batches import concat_batches
+    from veomni_omni.tiny import TINY_CODEBOOK
+
+    processor = build_tiny_processor()
+    rng = np.random.default_rng(rank)
+    groups = config.talker_config.num_code_groups
+    rows = []
+    for speaker in ("chelsie", "ethan"):
+        chat = [
+            {"role": "user", "content": [
+                {"type": "image", "image": rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)},
+                {"type": "audio", "audio": (0.3 * rng.standard_normal(32000)).astype(np.float32)},
+                {"type": "text", "text": "what do you see and hear? " * 8},
+            ]},
+            {"role": "assistant", "content": "a red circle and a low tone " * 4,
+             "speech": {"codes": rng.integers(0, TINY_CODEBOOK, (groups, frames)), "speaker": speaker}},
+        ]
+        encoded = encode_sample({"messages": chat}, processor, config)
+        rows.append({k: (v[:, None] if k == "position_ids" else v[None] if v.ndim == 1 and k in ("input_ids", "attention_mask", "labels", "talker_frames", "talker_speakers") else v)
+                     for k, v in encoded.items() if torch.is_tensor(v)})
+    return pack_rows(concat_batches(rows))
+
+
+def speech_shape(batch: dict, config) -> dict:
+    """The spoken turns of a packed speech batch as `plan` counts them: turns, frames per turn and the
+    thinker tokens each turn's talker reads (from its sample's start to the answer's <|im_end|>)."""
+    ids, bounds = batch["input_ids"][0], batch["cu_seq_lens_q"].tolist()
+    openings = batch["talker_frames"][0].nonzero().flatten().tolist()
+    contexts = []
+    for opening in openings:
+        start = max(b for b in bounds if b <= opening)
+        end = opening + int((ids[opening:] == config.im_end_token_id).nonzero()[0])
+        contexts.append(end - start)
+    return {"spoken_turns": len(openings), "talker_context": sum(contexts) / len(openings),
+            "speech_frames": int(batch["talker_frames"].sum()) / len(openings)}
 
 
 def rank_batch(spec: dict, config, dp_rank: int, sp_rank: int) -> dict:
@@ -72,6 +129,8 @@ def rank_batch(spec: dict, config, dp_rank: int, sp_rank: int) -> dict:
 
     from veomni_omni.bench.configs import rank_share, realwidth_dp_batches
 
+    if spec["batch"] == "speech":
+        return speech_batch(config, dp_rank, spec["speech_frames"])
     if spec["batch"] == "row":  # one row per data-parallel rank, or both packed into one SP sequence
         batches = [build_batch([ROW], config, seed=seed, with_position_ids=True) for seed in range(RANKS)]
         if spec["sp"] == 1:
@@ -141,7 +200,7 @@ def worker() -> None:
     from veomni.distributed.torch_parallelize import build_parallelize_model
     from veomni.optim import build_optimizer
 
-    from veomni_omni.bench.plan import apply_lora, build_meta_thinker, lora_config
+    from veomni_omni.bench.plan import apply_lora, build_meta_omni, build_meta_thinker, lora_config
     from veomni_omni.tiny import TOKENS
 
     out_file, spec = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())
@@ -155,7 +214,12 @@ def worker() -> None:
     torch.manual_seed(0)
     profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True) if spec["measure_memory"] else contextlib.nullcontext()
     with profiler as prof:
-        model = build_meta_thinker(thinker_config(spec["config"]))
+        if spec["train"] == "talker":  # as VeOmni's trainer trains speech output with the thinker frozen
+            model = build_meta_omni(thinker_config(spec["config"]))
+            model.thinker.requires_grad_(False)
+            model.code2wav.requires_grad_(False)
+        else:
+            model = build_meta_thinker(thinker_config(spec["config"]))
         if spec["lora_rank"]:
             model = apply_lora(model, lora_config(spec["lora_rank"], spec["lora_targets"]))
         model = build_parallelize_model(
@@ -186,6 +250,8 @@ def worker() -> None:
 
         def step() -> tuple[float, int]:
             loss = model(**batch, use_cache=False).loss
+            if isinstance(loss, dict):  # speech output: the named losses (talker, code predictor)
+                loss = sum(loss.values())
             loss.backward()
             optimizer.step()
             params = list(model.parameters())
@@ -213,8 +279,10 @@ def worker() -> None:
         "tokens": ids.numel(),
         "visual_tokens": int(((ids == TOKENS["image"]) | (ids == TOKENS["video"])).sum()),
         "audio_tokens": int((ids == TOKENS["audio"]).sum()),
-        "local_experts": model.config.text_config.num_experts // spec["ep"],
+        "local_experts": getattr(model.config, "thinker_config", model.config).text_config.num_experts // spec["ep"],
     }
+    if spec["train"] == "talker":
+        result.update(speech_shape(batch, model.config))
     if spec["measure_memory"]:
         peak, before, peak_ops = _peak_in(prof, "measured_step")
         # The profiler's running total also counts what other threads (gloo's) free: only its rise
@@ -239,9 +307,10 @@ def run_worker(spec: dict, timeout_s: float = 1800) -> list[dict]:
         return json.loads(out.read_text())
 
 
-def plan_args(spec: dict, tokens: int, visual_tokens: int, audio_tokens: int) -> argparse.Namespace:
+def plan_args(spec: dict, tokens: int, visual_tokens: int, audio_tokens: int, speech: dict | None = None) -> argparse.Namespace:
     """`plan`'s arguments for a spec's run: its layout and dtypes, `tokens` per rank of which
-    `visual_tokens` and `audio_tokens` are placeholders, no CUDA overhead, full logits."""
+    `visual_tokens` and `audio_tokens` are placeholders, no CUDA overhead, full logits; `speech`: the
+    spoken turns (`speech_shape`) of a talker run."""
     from .plan import build_parser
 
     compute = "bf16" if spec["mixed_precision"] else "fp32"
@@ -254,6 +323,7 @@ def plan_args(spec: dict, tokens: int, visual_tokens: int, audio_tokens: int) ->
         "optim_dtype": "fp32" if spec["optimizer"] == "adamw" else "none",
         "compute_dtype": compute, "reduce_dtype": "fp32",
         "lora_rank": spec["lora_rank"], "lora_targets": tuple(spec["lora_targets"]),
+        "train": spec["train"], **(speech or {}),
     })
 
 
@@ -261,7 +331,8 @@ def predicted(spec: dict, measured: dict) -> dict:
     """`plan.plan` for the measured model, batch and layout."""
     from .plan import GIB, build_planned_model, plan
 
-    layout = plan_args(spec, measured["tokens"], measured["visual_tokens"], measured["audio_tokens"])
+    speech = {k: measured[k] for k in ("spoken_turns", "talker_context", "speech_frames")} if spec["train"] == "talker" else None
+    layout = plan_args(spec, measured["tokens"], measured["visual_tokens"], measured["audio_tokens"], speech)
     result = plan(layout, build_planned_model(layout, thinker_config(spec["config"])))
     return {
         "per_rank_bytes": result["per_rank_gib"] * GIB,
@@ -274,6 +345,8 @@ def predicted(spec: dict, measured: dict) -> dict:
 
 def describe(spec: dict) -> str:
     what = f"LoRA rank {spec['lora_rank']}" if spec["lora_rank"] else "full fine-tuning"
+    if spec["train"] == "talker":
+        what = "talker training (thinker frozen)"
     dtypes = "fp32 shards, bf16 compute, fp32 reductions" if spec["mixed_precision"] else "fp32 throughout"
     ckpt = "gradient checkpointing" if spec["grad_ckpt"] else "no gradient checkpointing"
     optim = "VeOmni's fused AdamW" if spec["optimizer"] == "adamw" else "stateless SGD"
@@ -320,7 +393,12 @@ def compare(spec: dict, ranks: list[dict]) -> dict:
 
 def measure_cpu(args) -> dict:
     """`plan --measure-cpu`: the reduced thinker, mixed precision, gradient checkpointing, AdamW."""
-    spec = measure_spec(ep=args.measure_ep, lora_rank=args.lora_rank, lora_targets=args.lora_targets)
+    if args.train == "joint":
+        raise SystemExit("--measure-cpu measures --train thinker or talker")
+    if args.train == "talker":
+        spec = measure_spec(config="cpu_omni", batch="speech", ep=args.measure_ep, train="talker")
+    else:
+        spec = measure_spec(ep=args.measure_ep, lora_rank=args.lora_rank, lora_targets=args.lora_targets)
     print()
     return compare(spec, run_worker(spec, timeout_s=600))
 
