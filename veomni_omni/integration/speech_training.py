@@ -35,7 +35,9 @@ divided by one micro batch's tokens instead of the step's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
+
+import torch
 
 __all__ = ["SpeechTraining", "speech_training_of", "freeze_model_module", "count_loss_tokens"]
 
@@ -80,7 +82,7 @@ def _check_overrides(model_config: dict, config_path) -> None:
         )
 
 
-def freeze_model_module(self) -> None:
+def freeze_model_module(self):
     """`VLMTrainer._freeze_model_module` (see the module doc): VeOmni's, with the talker kept and the
     thinker frozen when `model.model_config` says the talker trains."""
     from ..patchset import original
@@ -121,7 +123,7 @@ def freeze_model_module(self) -> None:
         del model.disable_talker
 
 
-def count_loss_tokens(batches) -> dict:
+def count_loss_tokens(batches: Union[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]):
     """VeOmni's `count_loss_token` for one micro batch; over several, every count summed (VeOmni keeps
     the last micro batch's count of each `<name>_labels`)."""
     from ..patchset import original
