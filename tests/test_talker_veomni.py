@@ -144,6 +144,7 @@ def test_veomni_trainer_trains_the_talker_as_the_single_process_model(checkpoint
     ref_losses, ref_grads = reference_step(config, processor, record, rows, layout["thinker"])
     want_losses = {"talker_loss", "code_predictor_loss"} | ({"foundation_loss"} if layout["thinker"] else set())
     assert set(record["losses"]) == want_losses == set(ref_losses), (record["losses"], ref_losses)
+    assert all(np.isfinite(v) for v in [*record["losses"].values(), *ref_losses.values()]), (record["losses"], ref_losses)
     failures = [f"{k}: {record['losses'][k]} vs reference {v}" for k, v in ref_losses.items()
                 if abs(record["losses"][k] - v) > PARITY_RTOL * abs(v)]
     assert record["grads"].keys() == ref_grads.keys(), f"trained parameters differ: {sorted(record['grads'].keys() ^ ref_grads.keys())[:6]}"

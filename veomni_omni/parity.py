@@ -3,6 +3,7 @@ assert it; the benchmarks report the same measure next to their timings, so it l
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -13,8 +14,9 @@ ROUNDOFF_FLOOR = 1e-6  # see parity_errors
 
 def tensor_difference(got: Optional[torch.Tensor], ref: Optional[torch.Tensor]) -> Optional[tuple[float, float]]:
     """(max|got − ref|, max|ref|) of one tensor pair; (inf, 0) when only one side exists, None when
-    neither does. A pair's entry in a `difference_table`. Computed in slices of 2^24 elements: a
-    real-width expert tensor (1.6 GB in fp32) gets no full-size temporary."""
+    neither does, (nan, nan) when either holds a NaN or an infinity (never within any bar). A pair's
+    entry in a `difference_table`. Computed in slices of 2^24 elements: a real-width expert tensor
+    (1.6 GB in fp32) gets no full-size temporary."""
     if got is None or ref is None:
         return None if (got is None) == (ref is None) else (float("inf"), 0.0)
     if got.numel() != ref.numel():
@@ -23,6 +25,8 @@ def tensor_difference(got: Optional[torch.Tensor], ref: Optional[torch.Tensor]) 
     diff, scale = 0.0, 0.0
     for g, r in (pair for pair in pairs if pair[1].numel()):
         r = r.float()
+        if not (torch.isfinite(g).all() and torch.isfinite(r).all()):  # max() would drop a NaN
+            return float("nan"), float("nan")
         diff = max(diff, torch.sub(g.float(), r).abs_().max().item())
         scale = max(scale, r.abs().max().item())
     return diff, scale
@@ -42,7 +46,7 @@ def _judged(table: dict, rtol: float):
     key-bias gradients (softmax is shift invariant): both sides are round-off, and its difference
     must stay within that floor instead of within rtol of its own noise.
     """
-    floor = ROUNDOFF_FLOOR * max((entry[1] for entry in table.values() if entry is not None), default=0.0)
+    floor = ROUNDOFF_FLOOR * max((entry[1] for entry in table.values() if entry is not None and math.isfinite(entry[1])), default=0.0)
     for name, entry in sorted(table.items()):
         if entry is None or entry[0] == float("inf"):
             yield name, None if entry is None else float("inf"), None
@@ -57,6 +61,8 @@ def table_errors(table: dict, rtol: float = PARITY_RTOL) -> list[str]:
     for name, diff, limit in _judged(table, rtol):
         if diff == float("inf"):
             errors.append(f"{name}: present on one side only")
+        elif diff is not None and math.isnan(diff):
+            errors.append(f"{name}: not finite (NaN or infinity on one side or both)")
         elif diff is not None and diff > limit:
             errors.append(f"{name}: max|got-ref|={diff:.3e} > {limit:.3e}")
     return errors

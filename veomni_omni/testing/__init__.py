@@ -120,7 +120,9 @@ def save_checkpoint(model: torch.nn.Module, path) -> None:
 
 def save_tiny_release(path, config=None, seed: int = 0):
     """A seeded tiny top-level Qwen3-Omni-MoE (thinker, talker, code2wav; `tiny_omni_config()` unless
-    `config`) saved by plain transformers in the released layout, with the tiny processor; returns the model."""
+    `config`) saved by plain transformers in the released layout, with the tiny processor; returns the model.
+    Built with the patch set's initialisation: HF 5.22 leaves the talker's experts as torch.empty, whatever
+    memory held (NaN after some earlier tests in the same process)."""
     import veomni_omni
     from transformers import Qwen3OmniMoeForConditionalGeneration
 
@@ -128,8 +130,10 @@ def save_tiny_release(path, config=None, seed: int = 0):
     from ..tiny import tiny_omni_config
 
     torch.manual_seed(seed)
+    model = Qwen3OmniMoeForConditionalGeneration(config or tiny_omni_config())
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise RuntimeError("the tiny model was built with non-finite parameters: is the patch set applied?")
     with veomni_omni.unpatched():
-        model = Qwen3OmniMoeForConditionalGeneration(config or tiny_omni_config())
         model.save_pretrained(path)
     build_tiny_processor(path)
     return model
