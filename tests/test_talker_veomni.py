@@ -10,7 +10,8 @@ named loss (a token mean over the global batch) and every gradient must match (1
 talker only (thinker frozen) with two micro batches per rank, one of them without any spoken turn (VeOmni's
 per-step token counts over micro batches, and the talker's forward on a rank-step without speech); joint
 talker + thinker training under EP 2 with gradient checkpointing. The thinker and code2wav must stay
-untouched where they are frozen, and VeOmni's HF export must carry the trained talker.
+untouched where they are frozen, and VeOmni's HF export must carry the trained talker. A bad speech target
+read by one rank stops both with the same error.
 """
 
 import json
@@ -41,7 +42,7 @@ GROUPS = 4
 # Per layout: ranks, EP size, gradient checkpointing, whether the thinker trains too, samples per micro batch,
 # and per step each rank's samples (packed micro_batch_size at a time). "spoken_N": a text answer spoken in
 # N frames; "silent": no speech; "media_N": image + audio in the user turn; "video_N": a video in the user turn;
-# "history_N": an unspoken turn first.
+# "history_N": an unspoken turn first; "badgroups_N": codes with one code group too few.
 LAYOUTS = {
     "talker_fsdp2_accumulated": dict(world=2, ep=1, gc=False, thinker=False, micro=2, steps=[
         [["spoken_5", "silent", "silent", "silent"], ["media_7", "history_3", "spoken_2", "silent"]],
@@ -70,8 +71,8 @@ class SpokenSamples:
         self.root, self.rng, self.count = root, np.random.default_rng(0), 0
         root.mkdir(exist_ok=True)
 
-    def _speech(self, frames: int) -> dict:
-        codes = self.rng.integers(0, TINY_CODEBOOK, (GROUPS, frames)).tolist()
+    def _speech(self, frames: int, groups: int = GROUPS) -> dict:
+        codes = self.rng.integers(0, TINY_CODEBOOK, (groups, frames)).tolist()
         return {"codes": codes, "speaker": SPEAKERS[self.count % len(SPEAKERS)]}
 
     def __call__(self, kind: str) -> dict:
@@ -80,7 +81,7 @@ class SpokenSamples:
         question = [{"type": "text", "text": f"question {self.count}"}]
         answer = {"role": "assistant", "content": [{"type": "text", "text": f"answer {self.count} is four"}]}
         if name != "silent":
-            answer["speech"] = self._speech(int(frames))
+            answer["speech"] = self._speech(int(frames), GROUPS - 1 if name == "badgroups" else GROUPS)
         if name == "media":
             image, wav = self.root / f"{self.count}.png", self.root / f"{self.count}.wav"
             Image.fromarray(synthetic.make_image(self.rng, "circle", "red", synthetic.IMAGE_SIZE)).save(image)
@@ -95,7 +96,7 @@ class SpokenSamples:
             earlier = [{"role": "user", "content": [{"type": "text", "text": "hello"}]},
                        {"role": "assistant", "content": [{"type": "text", "text": "hi there"}]}]
             messages = earlier + messages
-        return {"messages": messages}
+        return {"id": f"{kind}-{self.count}", "messages": messages}
 
 
 def write_talker_config(path: Path, checkpoint: Path, data: Path, layout: dict, output_dir: Path) -> None:
@@ -220,3 +221,20 @@ def test_freezing_step_refuses_what_it_cannot_train(tmp_path, case, message):
     with pytest.raises(ValueError, match=message):
         freeze_model_module(trainer)
     assert getattr(model, "speech_training", None) is None and all(p.requires_grad for p in model.parameters())
+
+
+def test_bad_speech_on_one_rank_stops_every_rank_with_the_same_error(checkpoint, tmp_path):
+    """Rank 1 reads a sample whose codes have a code group too few: both ranks raise the same BadInputError
+    naming it, at the step's start (before any collective that rank 0 would otherwise wait in)."""
+    layout = dict(world=2, ep=1, gc=False, thinker=False, micro=1, steps=[[["spoken_3"], ["badgroups_4"]]])
+    write_dataset(tmp_path / "train.jsonl", layout, SpokenSamples(tmp_path / "media"))
+    config_file = tmp_path / "talker.yaml"
+    write_talker_config(config_file, checkpoint, tmp_path / "train.jsonl", layout, tmp_path / "out")
+    with pytest.raises(RuntimeError) as failure:
+        run_ranks(WORKER, 2, [str(tmp_path / "run.pt"), str(config_file)], timeout_s=300)
+    lines = str(failure.value).splitlines()
+    for rank in (0, 1):
+        raised = [line for line in lines if line.startswith(f"[rank{rank}]") and "BadInputError" in line]
+        assert raised, f"rank {rank} did not raise BadInputError:\n{failure.value}"
+    assert "sample badgroups_4-2 (-): message 1: speech codes of shape (3, 4); the talker takes (4, frames)" in str(failure.value)
+    assert "(rank 1)" in str(failure.value), "the error names the rank that read the sample"

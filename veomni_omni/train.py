@@ -51,7 +51,7 @@ from .checkpoint.veomni_io import LORA_ADAPTER_DIR
 from .data.checks import IGNORE_INDEX, input_problems, raise_on_problems, thinker_config_of
 from .data.sequence_parallel import check_divisible_heads
 from .data.synthetic import SpokenAnswers, read_jsonl
-from .data.veomni_transform import SPEECH_KEYS, SkipCounter
+from .data.veomni_transform import REFUSED_KEY, SPEECH_KEYS, SkipCounter
 from .integration.speech_training import speech_training_of
 from .models.moe import expert_load
 from .train_data import MODALITIES, accuracy_by_modality, chance_level, prepare_synthetic_set
@@ -235,6 +235,7 @@ class OmniTrainer(VLMTrainer):
         problems, ids = [], []
         for k, batch in enumerate(micro_batches or []):
             name = f"micro batch {k} (step {self.base.state.global_step})"
+            problems += [f"{name}: {problem}" for problem in batch.get(REFUSED_KEY, [])]
             sp_inputs = batch.get("sp_inputs")
             if sp_inputs is None:
                 problems += input_problems(batch, self.config, name=name)
@@ -327,9 +328,12 @@ class OmniTrainer(VLMTrainer):
         model, transform = self.base.model, self.base.data_transform
         eos = self.base.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
         budget = self.base.args.data.max_seq_len
-        batches, current, length = [], [], 0
+        batches, current, length, refused = [], [], 0, []
         for index in range(dp_rank, len(self.eval_samples), dp_size):
             for feature in transform(self.eval_samples[index]):
+                if REFUSED_KEY in feature:
+                    refused.append(f"held-out {feature[REFUSED_KEY]}")
+                    continue
                 n = feature["input_ids"].shape[-1]
                 if current and length + n > budget:
                     batches.append(current)
@@ -338,6 +342,7 @@ class OmniTrainer(VLMTrainer):
                 length += n
         if current:
             batches.append(current)
+        raise_on_problems(refused)
         most = torch.tensor([len(batches)], device=self.base.device)
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
         wrong = torch.zeros(len(self.eval_samples), device=self.base.device)

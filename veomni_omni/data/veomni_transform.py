@@ -41,7 +41,9 @@ import numpy as np
 import torch
 
 from .media import MAX_ASPECT_RATIO, SAMPLING_RATE, MediaError, load_audio, load_image, load_video
+from .checks import IGNORE_INDEX, thinker_config_of
 from .samples import SampleTooLong, _kind, _part_source, encode_sample
+from .speech import SpeechTargetError
 
 logger = logging.getLogger(__name__)
 
@@ -356,6 +358,26 @@ def _transform(sample: dict, processor, config, speech_config, settings: MediaSe
         logger.warning("skipping sample %s (%s): %s: %s [%d skipped in this process]",
                        sample_id, source_name or "-", type(err).__name__, err, SkipCounter.total)
         return []
+    except SpeechTargetError as err:
+        return [refused_sample(f"sample {sample_id} ({source_name or '-'}): {err}", config, speech_config)]
     except ValueError as err:
         raise ValueError(f"sample {sample_id} ({source_name or '-'}): {err}") from err
     return [veomni_layout(encoded, speech_config)]
+
+
+REFUSED_KEY = "refused_samples"
+
+
+def refused_sample(problem: str, config, speech_config=None) -> dict:
+    """A sample whose speech targets cannot be trained, as one padding token carrying the reason
+    (`refused_samples`): raising here would stop only the rank that read it, while the others wait in the
+    step's collectives until torchrun kills them. VeOmni's collator gathers the reasons of a micro batch
+    into a list, and at the step's start every rank raises the same `BadInputError` with every rank's
+    reasons (integration/speech_training.py `count_loss_tokens`, before any other collective)."""
+    token = {
+        "input_ids": torch.tensor([thinker_config_of(config).text_config.pad_token_id or 0]),
+        "attention_mask": torch.ones(1, dtype=torch.long),
+        "labels": torch.tensor([IGNORE_INDEX]),
+        "position_ids": torch.zeros(3, 1, dtype=torch.long),
+    }
+    return {**veomni_layout(token, speech_config), REFUSED_KEY: problem}

@@ -26,10 +26,12 @@ For Qwen3-Omni models any other `model.model_config` key must be one transformer
 ignored silently.
 Other models keep VeOmni's own step (the two keys are refused there: they have no talker).
 
-`count_loss_tokens` replaces VeOmni's `count_loss_token` where VLMTrainer's step calls it: over a step's micro batches
-VeOmni adds up the text label counts but keeps only the last micro batch's count of every other
-`<name>_labels` key (`=` where it means `+=`), so with gradient accumulation the talker's losses were
-divided by one micro batch's tokens instead of the step's.
+`count_loss_tokens` replaces VeOmni's `count_loss_token` (where VLMTrainer's and BaseTrainer's steps call it,
+and where it is defined): over a step's micro batches VeOmni adds up the text label counts but keeps only
+the last micro batch's count of every other `<name>_labels` key (`=` where it means `+=`), so with
+gradient accumulation the talker's losses were divided by one micro batch's tokens instead of the step's.
+Its call at the step's start is also where samples the data transform refused (bad speech targets,
+`refused_samples`) stop every rank at once.
 """
 
 from __future__ import annotations
@@ -125,12 +127,17 @@ def freeze_model_module(self):
 
 def count_loss_tokens(batches: Union[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]):
     """VeOmni's `count_loss_token` for one micro batch; over several, every count summed (VeOmni keeps
-    the last micro batch's count of each `<name>_labels`)."""
+    the last micro batch's count of each `<name>_labels`). The step's call (all its micro batches, on
+    every rank, before any other collective of the step) first agrees on refused samples: any rank's
+    stops every rank with the same `BadInputError` (one small all-reduce per step)."""
+    from ..data.checks import raise_on_problems
+    from ..data.veomni_transform import REFUSED_KEY
     from ..patchset import original
 
     count = original(COUNT_PATCH)
     if isinstance(batches, dict):
         return count(batches)
+    raise_on_problems([problem for batch in batches if isinstance(batch, dict) for problem in batch.get(REFUSED_KEY, [])])
     totals: dict = {}
     for batch in batches:
         for key, value in count_loss_tokens(batch).items():
