@@ -184,6 +184,20 @@ def test_veomni_trainer_trains_the_talker_as_the_single_process_model(checkpoint
     assert not stale, f"VeOmni's HF export does not carry the trained talker: {stale[:5]}"
 
 
+def test_speech_without_the_talker_switch_is_refused_naming_the_switch(checkpoint):
+    from transformers import AutoConfig
+
+    from veomni_omni.data.veomni_transform import REFUSED_KEY, transform_sample
+    from veomni_omni.integration.trainer_hooks import RopePositionIds
+
+    sample = SpokenSamples(checkpoint / "speech_media")("spoken_3")
+    processor, config = load_processor(checkpoint), AutoConfig.from_pretrained(checkpoint)
+    (refused,) = transform_sample(sample, processor, RopePositionIds(config))
+    assert "the talker does not train: set model.model_config.train_talker: true" in refused[REFUSED_KEY]
+    (kept,) = transform_sample(sample, processor, RopePositionIds(config, speech=True))
+    assert REFUSED_KEY not in kept and kept["talker_frames"].count_nonzero() == 1
+
+
 def test_model_config_switch():
     assert speech_training_of({}) is None and speech_training_of({"train_talker": False}) is None
     assert speech_training_of({"train_talker": True}).train_thinker is False

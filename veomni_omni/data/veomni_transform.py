@@ -342,6 +342,9 @@ def _transform(sample: dict, processor, config, speech_config, settings: MediaSe
     sample_id = sample.get("id", sample.get("sample_id", "?"))
     try:
         messages, audio_in_video = to_messages(sample, settings, source_name or sample.get("source_name"))
+        if speech_config is None and any(message.get("speech") is not None for message in messages):
+            raise SpeechTargetError("its assistant turns carry speech, but the talker does not train: set "
+                                    "model.model_config.train_talker: true (veomni_omni), or remove the 'speech' entries")
         messages = _decoded_media(messages, replace(settings, use_audio_in_video=audio_in_video))
         encoded = encode_sample(
             {"messages": messages},
