@@ -816,18 +816,20 @@ def main(argv=None) -> int:
     model = build_planned_model(args)
     result = plan(args, model)
     result["fewest_gpus"] = fewest_gpus(args, model)
-    if args.train != "thinker":
-        _print_speech(result, args)
-        if args.measure_cpu:
-            from .plan_cpu import measure_cpu
-
-            result["measured_cpu"] = measure_cpu(args)
-        emit({"benchmark": "plan", **result, "machine": machine_info()}, args.json)
-        return 0
-    if args.lora_rank:  # the same run as full fine-tuning
+    if args.train == "thinker" and args.lora_rank:  # the same run as full fine-tuning
         full_args = argparse.Namespace(**{**vars(args), "lora_rank": 0})
         full_model = build_planned_model(full_args)
         result["full_fine_tuning"] = {"per_rank_gib": plan(full_args, full_model)["per_rank_gib"], "fewest_gpus": fewest_gpus(full_args, full_model)}
+    (_print_thinker if args.train == "thinker" else _print_speech)(result, args)
+    if args.measure_cpu:
+        from .plan_cpu import measure_cpu
+
+        result["measured_cpu"] = measure_cpu(args)
+    emit({"benchmark": "plan", **result, "machine": machine_info()}, args.json)
+    return 0
+
+
+def _print_thinker(result: dict, args) -> None:
     lay = result["layout"]
     print(
         format_table(
@@ -839,30 +841,21 @@ def main(argv=None) -> int:
             title="plan: Qwen3-Omni-30B-A3B thinker built on meta (exact parameter counts)",
         )
     )
-    print()
-    print(
-        format_table(
-            ["per-rank item", "GiB"],
-            [[k, v] for k, v in result["breakdown_gib"].items()] + [["TOTAL", result["per_rank_gib"]]],
-            title=(
-                f"layout: {lay['gpus']} GPUs, ep {lay['ep']} ({lay['local_experts']} experts/rank, ep_fsdp {lay['ep_fsdp']}), "
-                f"sp {lay['sp']}, dense FSDP {lay['dense_fsdp']}; seq {lay['seq_len']} × mb {lay['micro_batch']} → "
-                f"{lay['tokens_per_rank']:.0f} tokens/rank ({lay['visual_frac']:.0%} visual, {lay['audio_frac']:.0%} audio); "
-                f"grad ckpt {'on' if lay['grad_ckpt'] else 'off'}; CE {lay['ce']}\n"
-                f"dtypes: {result['dtypes']} → {result['bytes_per_param_static']} B/param static"
-            ),
-        )
-    )
-    print("peak phase: " + result["peak_phase"] + " (" + ", ".join(f"{k} {v:.2f}" for k, v in result["phases_gib"].items()) + " GiB on top of the resident state; see `_phases`)")
-    acts = result["activations_gib"]
-    print(
-        f"activations: {acts['with_ckpt']:.2f} GiB with gradient checkpointing, {acts['without_ckpt']:.2f} GiB without "
-        f"(per token per text layer {result['activation_per_token_kib']['text_layer']:.0f} KiB; formula in `plan.ActivationModel`)"
-    )
-    by_mode = result["per_rank_gib_by_mode"]
-    print(
-        f"per rank {result['per_rank_gib']:.1f} GiB of {result['gpu_mem_gib']:.0f} GiB → fits: {result['fits']} "
-        f"(with checkpointing {by_mode['with_ckpt']:.1f} GiB, without {by_mode['without_ckpt']:.1f} GiB)"
+    _print_budget(
+        result,
+        layout=(
+            f"layout: {lay['gpus']} GPUs, ep {lay['ep']} ({lay['local_experts']} experts/rank, ep_fsdp {lay['ep_fsdp']}), "
+            f"sp {lay['sp']}, dense FSDP {lay['dense_fsdp']}; seq {lay['seq_len']} × mb {lay['micro_batch']} → "
+            f"{lay['tokens_per_rank']:.0f} tokens/rank ({lay['visual_frac']:.0%} visual, {lay['audio_frac']:.0%} audio); "
+            f"grad ckpt {'on' if lay['grad_ckpt'] else 'off'}; CE {lay['ce']}\n"
+            f"dtypes: {result['dtypes']} → {result['bytes_per_param_static']} B/param static"
+        ),
+        phases_doc="_phases",
+        activations=(
+            f"activations: {result['activations_gib']['with_ckpt']:.2f} GiB with gradient checkpointing, "
+            f"{result['activations_gib']['without_ckpt']:.2f} GiB without (per token per text layer "
+            f"{result['activation_per_token_kib']['text_layer']:.0f} KiB; formula in `plan.ActivationModel`)"
+        ),
     )
     for warning in result["warnings"]:
         print(f"warning: {warning}")
@@ -885,12 +878,27 @@ def main(argv=None) -> int:
             f"full fine-tuning, same layout: {full['per_rank_gib']:.1f} GiB per GPU; fewest GPUs "
             + (f"{full_fewest['gpus']} (ep {full_fewest['ep']}) at {full_fewest['per_rank_gib']:.1f} GiB" if full_fewest else "none up to 1024")
         )
-    if args.measure_cpu:
-        from .plan_cpu import measure_cpu
 
-        result["measured_cpu"] = measure_cpu(args)
-    emit({"benchmark": "plan", **result, "machine": machine_info()}, args.json)
-    return 0
+
+def _print_budget(result: dict, layout: str, phases_doc: str, activations: str | None = None) -> None:
+    """The per-rank breakdown under its layout line, the peak phase, (the activations,) and whether it fits."""
+    print()
+    print(
+        format_table(
+            ["per-rank item", "GiB"],
+            [[k, v] for k, v in result["breakdown_gib"].items()] + [["TOTAL", result["per_rank_gib"]]],
+            title=layout,
+        )
+    )
+    phases = ", ".join(f"{k} {v:.2f}" for k, v in result["phases_gib"].items())
+    print(f"peak phase: {result['peak_phase']} ({phases} GiB on top of the resident state; see `{phases_doc}`)")
+    if activations:
+        print(activations)
+    by_mode = result["per_rank_gib_by_mode"]
+    print(
+        f"per rank {result['per_rank_gib']:.1f} GiB of {result['gpu_mem_gib']:.0f} GiB → fits: {result['fits']} "
+        f"(with checkpointing {by_mode['with_ckpt']:.1f} GiB, without {by_mode['without_ckpt']:.1f} GiB)"
+    )
 
 
 def _print_speech(result: dict, args) -> None:
@@ -904,26 +912,17 @@ def _print_speech(result: dict, args) -> None:
             title=f"plan: Qwen3-Omni-30B-A3B speech output ({what}); released checkpoint: {RELEASED_PARAMS / 1e9:.3f}B",
         )
     )
-    print()
-    print(
-        format_table(
-            ["per-rank item", "GiB"],
-            [[k, v] for k, v in result["breakdown_gib"].items()] + [["TOTAL", result["per_rank_gib"]]],
-            title=(
-                f"layout: {lay['gpus']} GPUs, ep {lay['ep']} ({lay['local_experts']} thinker / {lay['talker_local_experts']} talker experts per rank); "
-                f"{lay['tokens_per_rank']:.0f} thinker tokens/rank ({lay['visual_frac']:.0%} visual, {lay['audio_frac']:.0%} audio); "
-                f"{lay['spoken_turns']} spoken turns × ({lay['talker_context']} context + 9 + {lay['speech_frames']} frames) = "
-                f"{lay['talker_tokens']} talker tokens, {lay['code_predictor_tokens']} code predictor tokens; "
-                f"grad ckpt {'on' if lay['grad_ckpt'] else 'off'}\n"
-                f"dtypes: {result['dtypes']} → {result['bytes_per_param_static']} B/trainable param, {BYTES[args.param_dtype]} B/frozen param"
-            ),
-        )
-    )
-    print("peak phase: " + result["peak_phase"] + " (" + ", ".join(f"{k} {v:.2f}" for k, v in result["phases_gib"].items()) + " GiB on top of the resident state; see `plan_speech`)")
-    by_mode = result["per_rank_gib_by_mode"]
-    print(
-        f"per rank {result['per_rank_gib']:.1f} GiB of {result['gpu_mem_gib']:.0f} GiB → fits: {result['fits']} "
-        f"(with checkpointing {by_mode['with_ckpt']:.1f} GiB, without {by_mode['without_ckpt']:.1f} GiB)"
+    _print_budget(
+        result,
+        layout=(
+            f"layout: {lay['gpus']} GPUs, ep {lay['ep']} ({lay['local_experts']} thinker / {lay['talker_local_experts']} talker experts per rank); "
+            f"{lay['tokens_per_rank']:.0f} thinker tokens/rank ({lay['visual_frac']:.0%} visual, {lay['audio_frac']:.0%} audio); "
+            f"{lay['spoken_turns']} spoken turns × ({lay['talker_context']} context + 9 + {lay['speech_frames']} frames) = "
+            f"{lay['talker_tokens']} talker tokens, {lay['code_predictor_tokens']} code predictor tokens; "
+            f"grad ckpt {'on' if lay['grad_ckpt'] else 'off'}\n"
+            f"dtypes: {result['dtypes']} → {result['bytes_per_param_static']} B/trainable param, {BYTES[args.param_dtype]} B/frozen param"
+        ),
+        phases_doc="plan_speech",
     )
     fewest = result["fewest_gpus"]
     print(
