@@ -303,3 +303,41 @@ def test_realwidth_memory_wiring_on_the_small_thinker(capsys):
         assert 0.85 <= result["ratios"]["peak"] <= 1.15, (name, result["ratios"], result["planned"])
     assert_machine(payload)
     assert "planned / measured" in out
+
+
+def test_realwidth_gradient_parity_compares_every_gradient_with_unpatched_hf(monkeypatch):
+    """`realwidth`'s speed section ends with one step of the patched model against unpatched HF on the
+    same instance (HF's gradients through disk): on the small thinker they match; when HF's step sees an
+    lm_head nudged by 0.1 %, the loss and the gradients are reported as different."""
+    import contextlib
+
+    from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
+
+    import veomni_omni
+    from veomni_omni.bench.configs import cpu_mixed_batch, cpu_thinker_config
+    from veomni_omni.bench.realwidth import gradient_parity
+
+    veomni_omni.apply()
+    config = cpu_thinker_config()
+    torch.manual_seed(0)
+    model = Qwen3OmniMoeThinkerForConditionalGeneration(config).train()
+    batch = cpu_mixed_batch(config, quick=True)
+    result = gradient_parity(model, batch)
+    assert not result["errors"], result["errors"]
+    assert result["gradients"] == sum(p.requires_grad for p in model.parameters())
+    assert result["loss"] == pytest.approx(result["hf_loss"], rel=1e-5)
+    assert all(p.grad is None for p in model.parameters()), "the check leaves no gradients behind"
+
+    @contextlib.contextmanager
+    def nudged_lm_head():
+        with torch.no_grad():
+            model.lm_head.weight.mul_(1.001)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                model.lm_head.weight.div_(1.001)
+
+    monkeypatch.setattr(veomni_omni, "unpatched", nudged_lm_head)
+    errors = gradient_parity(model, batch)["errors"]
+    assert errors and errors[0].startswith("loss ") and len(errors) > 1, errors  # the loss, then the gradients that moved

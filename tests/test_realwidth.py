@@ -19,7 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from veomni_omni.bench.configs import REALWIDTH_2RANK_VOCAB, REALWIDTH_DP_PACKS, REALWIDTH_SAMPLES, realwidth_dp_batches, realwidth_thinker_config
+from veomni_omni.bench.configs import (
+    REALWIDTH_2RANK_VOCAB, REALWIDTH_DP_PACKS, REALWIDTH_EP_TEXT_LAYERS, REALWIDTH_SAMPLES, realwidth_dp_batches, realwidth_thinker_config,
+)
+from veomni_omni.bench.plan_cpu import thinker_config
 from veomni_omni.data.shaped_batches import concat_batches
 from veomni_omni.launch import run_ranks
 from veomni_omni.parity import table_errors, table_max_relative_difference
@@ -56,6 +59,10 @@ def test_the_model_and_batch_have_real_widths_and_a_realistic_mix():
     full = config.to_dict()
     full["text_config"].pop("vocab_size")
     assert two_rank == full, "the 2-rank model differs from the real-width one in more than its vocabulary"
+    ep_timing = thinker_config("realwidth_ep").to_dict()  # `realwidth --sections ep`: one text layer
+    assert ep_timing["text_config"].pop("num_hidden_layers") == REALWIDTH_EP_TEXT_LAYERS
+    assert ep_timing["text_config"].pop("vocab_size") == REALWIDTH_2RANK_VOCAB
+    assert ep_timing == {**full, "text_config": {k: v for k, v in full["text_config"].items() if k != "num_hidden_layers"}}
     batch = concat_batches(realwidth_dp_batches(config))
     ids = batch["input_ids"]
     assert 2000 <= int(batch["attention_mask"].sum()) <= 4000

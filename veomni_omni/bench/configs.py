@@ -169,14 +169,15 @@ def cpu_workload(args):
     return config, model, cpu_mixed_batch(config, quick=args.quick), reps, warmup
 
 
-def realwidth_thinker_config(output_router_logits: bool = False, vocab_size: Optional[int] = None) -> Qwen3OmniMoeThinkerConfig:
+def realwidth_thinker_config(output_router_logits: bool = False, vocab_size: Optional[int] = None, text_layers: int = 2) -> Qwen3OmniMoeThinkerConfig:
     """The released thinker at reduced depth for CPU (`realwidth` benchmark, real-width parity test):
     two MoE text layers (128 experts top-8, vocabulary 152064; the deepstack features added after
     layer 0 reach the loss only through layer 1), a 2-block ViT whose block 0 feeds the one
     deepstack level, 2 audio layers; ~2.0B parameters, 8.1 GB in fp32. `vocab_size` cuts the
-    vocabulary, the one width that does not fit two fp32 ranks in 24 GiB (`REALWIDTH_2RANK_VOCAB`)."""
+    vocabulary, the one width that does not fit two fp32 ranks in 24 GiB (`REALWIDTH_2RANK_VOCAB`);
+    `text_layers` the depth (`REALWIDTH_EP_TEXT_LAYERS`)."""
     config = real_thinker_config(
-        text_layers=2, vision_depth=2, deepstack_visual_indexes=[0], audio_layers=2, output_router_logits=output_router_logits
+        text_layers=text_layers, vision_depth=2, deepstack_visual_indexes=[0], audio_layers=2, output_router_logits=output_router_logits
     )
     if vocab_size is not None:
         config.text_config.vocab_size = vocab_size
@@ -190,6 +191,11 @@ def realwidth_thinker_config(output_router_logits: bool = False, vocab_size: Opt
 # at 65536 two ranks of the 2-layer model peaked at 22.7 GB used of 23.5 GiB. 32768 (2^15) leaves a
 # margin and keeps every other width real. The single-process runs keep the released vocabulary.
 REALWIDTH_2RANK_VOCAB = 32768
+
+# The text depth of `realwidth`'s EP 2 vs FSDP-only timing. Without EP each rank gathers a whole layer's
+# 128 experts (604M parameters, 2.4 GB in fp32) and its gradient, and FSDP2 prefetches the next layer's:
+# at two layers FSDP-only plans 11.8 GiB per rank, so two ranks do not fit 24 GiB; at one, 8.0 GiB.
+REALWIDTH_EP_TEXT_LAYERS = 1
 
 
 # The real-width sample mix (`build_batch` rows): an image of 256 visual tokens, a 10 s clip (1000 mel

@@ -3,7 +3,8 @@
 One worker (this file) for `plan --measure-cpu` and `realwidth`, parameterised by a spec: the
 thinker (`config`: "cpu", `configs.cpu_thinker_config`, ~25M parameters; "realwidth",
 `configs.realwidth_thinker_config`, ~2.0B; "realwidth_2rank", the same with the vocabulary cut to
-`configs.REALWIDTH_2RANK_VOCAB`, ~1.5B, what fits two fp32 ranks in 24 GiB), the batch, the layout (EP size `ep`, Ulysses SP size
+`configs.REALWIDTH_2RANK_VOCAB`, ~1.5B, what fits two fp32 ranks in 24 GiB; "realwidth_ep", that with
+`configs.REALWIDTH_EP_TEXT_LAYERS` text layers, ~0.9B, what fits two FSDP-only ranks), the batch, the layout (EP size `ep`, Ulysses SP size
 `sp`), mixed precision on (fp32 shards, bf16 compute, fp32 reductions) or off (fp32 throughout),
 gradient checkpointing, LoRA (`lora_rank`: `plan.apply_lora`, as VeOmni's trainer wraps it) and the
 optimizer ("adamw": VeOmni's fused AdamW; "sgd": stateless SGD, for a model whose AdamW states do not
@@ -46,15 +47,16 @@ SPEECH_FRAMES = 200
 
 
 def thinker_config(name: str):
-    from veomni_omni.bench.configs import REALWIDTH_2RANK_VOCAB, cpu_thinker_config, realwidth_thinker_config
-
-    from veomni_omni.bench.configs import cpu_omni_config
+    from veomni_omni.bench.configs import (
+        REALWIDTH_2RANK_VOCAB, REALWIDTH_EP_TEXT_LAYERS, cpu_omni_config, cpu_thinker_config, realwidth_thinker_config,
+    )
 
     configs = {
         "cpu": cpu_thinker_config,
         "cpu_omni": cpu_omni_config,
         "realwidth": realwidth_thinker_config,
         "realwidth_2rank": lambda: realwidth_thinker_config(vocab_size=REALWIDTH_2RANK_VOCAB),
+        "realwidth_ep": lambda: realwidth_thinker_config(vocab_size=REALWIDTH_2RANK_VOCAB, text_layers=REALWIDTH_EP_TEXT_LAYERS),
     }
     if name not in configs:
         raise ValueError(f"unknown thinker config {name!r}; one of {sorted(configs)}")

@@ -14,10 +14,14 @@ Sections (`--sections`, default all):
   `veomni_omni.unpatched()`); (b) ours vs VeOmni 0.1.12's generated model (`veomni`'s method), which
   shares our parameter tensors (a second copy would not fit) and its own gradients freed after each
   step. The batch is the four samples as padded rows. Where ours is slower, one step of each under
-  torch.profiler: the top ops by self CPU time.
+  torch.profiler: the top ops by self CPU time. Then (c) parity with unpatched HF at the released
+  vocabulary: the loss and every gradient of one step of each (the 2-rank parity test cuts the
+  vocabulary); the command exits 1 when they differ beyond the bar.
 - ep: 2 gloo ranks, FSDP2 × EP 2 vs FSDP2 alone (EP 1), the same packed data (rank r packs
   `REALWIDTH_DP_PACKS[r]`); timed training steps (forward, backward, optimizer step) of one launch per
-  layout, so consecutive rather than interleaved; the ratio pairs the launches' steps in order.
+  layout, so consecutive rather than interleaved; the ratio pairs the launches' steps in order. At real
+  width the model has `configs.REALWIDTH_EP_TEXT_LAYERS` text layer ("realwidth_ep"): FSDP-only ranks
+  gather whole layers of 128 experts, and two of the 2-layer model do not fit 24 GiB.
 - memory: `plan`'s per-rank prediction for CPU training (full logits, no CUDA overhead, no gradient
   checkpointing) against the peak allocated per rank, measured through the profiler (`plan_cpu`)
   during a training step, FSDP2 × EP 2 and SP 2 × EP 2; the plan for fp32 and mixed precision, SGD and
@@ -27,7 +31,8 @@ reductions); `--optimizer`: VeOmni's AdamW, or a stateless SGD (the default at r
 two fp32 states per parameter do not fit beside two ranks), whose plan counts no optimizer state. A
 2-rank run whose plan, plus each rank's process overhead, exceeds the available memory is skipped
 with the numbers.
-JSON: {"speed": {"patched_vs_hf": {"ratio", ...}, "ours_vs_veomni": {...}}, "ep": {"ep2_vs_ep1": {...}},
+JSON: {"speed": {"patched_vs_hf": {"ratio", ...}, "ours_vs_veomni": {...}, "parity_with_hf": {"max_relative_difference",
+"errors", ...}}, "ep": {"ep2_vs_ep1": {...}},
 "memory": {"fsdp2_ep2": {"ratios": {"peak", "static"}, ...}, "sp2_ep2": {...}}, "machine": ...}.
 """
 
@@ -85,6 +90,48 @@ def top_ops(step, rows: int = TOP_OPS) -> list[list]:
     averages = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in averages)
     return [[e.key, e.self_cpu_time_total / 1e3, e.self_cpu_time_total / total, e.count] for e in averages[:rows]]
+
+
+def gradient_parity(model, batch: dict) -> dict:
+    """One forward + backward of the patched `model` against the same step of unpatched HF
+    (`veomni_omni.unpatched()`) on the same instance: the loss and every gradient at the parity bar.
+    HF's gradients wait on disk (read back memory-mapped): at real width a second set beside the
+    first does not fit, and this is the one place the released vocabulary's gradients are compared."""
+    import tempfile
+    from pathlib import Path
+
+    import veomni_omni
+    from veomni_omni.parity import PARITY_RTOL, table_errors, table_max_relative_difference, tensor_difference
+
+    def loss_and_gradients(context) -> float:
+        model.zero_grad(set_to_none=True)
+        with context():
+            loss = model(**batch).loss
+            loss.backward()
+        return loss.item()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "hf_gradients.pt"
+        hf_loss = loss_and_gradients(veomni_omni.unpatched)
+        torch.save({name: p.grad for name, p in model.named_parameters() if p.grad is not None}, saved)
+        loss = loss_and_gradients(contextlib.nullcontext)
+        hf_grads = torch.load(saved, mmap=True, weights_only=True)
+        table = {name: tensor_difference(p.grad, hf_grads.get(name)) for name, p in model.named_parameters()}
+        del hf_grads
+    model.zero_grad(set_to_none=True)
+    errors = table_errors(table)
+    if abs(loss - hf_loss) > PARITY_RTOL * abs(hf_loss):
+        errors.insert(0, f"loss {loss} vs HF {hf_loss}")
+    result = {
+        "loss": loss, "hf_loss": hf_loss, "gradients": sum(entry is not None for entry in table.values()),
+        "max_relative_difference": table_max_relative_difference(table), "errors": errors,
+    }
+    print(
+        f"parity with unpatched HF (one step, every gradient): loss {loss:.6f} vs {hf_loss:.6f}, {result['gradients']} gradients, "
+        f"largest relative difference {result['max_relative_difference']:.2e} (bar {PARITY_RTOL:g})"
+        + ("" if not errors else "; FAILED:\n  " + "\n  ".join(errors[:20]))
+    )
+    return result
 
 
 def speed(args, config_name: str, reps: int, warmup: int) -> dict:
@@ -156,6 +203,7 @@ def speed(args, config_name: str, reps: int, warmup: int) -> dict:
     for name, rows in profiles.items():
         print(format_table(["op", "self CPU ms", "share", "calls"], rows, title=f"where {name}'s step goes (top ops by self CPU time)"))
     result["profile_top_ops"] = profiles
+    result["parity_with_hf"] = gradient_parity(ours, batch)
     return result
 
 
@@ -194,14 +242,15 @@ def fits(spec: dict) -> tuple[bool, str]:
     return needed <= available, text
 
 
-def run_layouts(args, layouts: dict, measure_memory: bool, timed_steps: int) -> dict:
-    """One 2-rank launch per layout; {name: ranks' results, or {"skipped": reason}}."""
+def run_layouts(args, config: str, layouts: dict, measure_memory: bool, timed_steps: int) -> dict:
+    """One 2-rank launch of the thinker `config` (`plan_cpu.thinker_config`) per layout; {name: ranks'
+    results, or {"skipped": reason}}."""
     from .plan_cpu import describe, measure_spec, run_worker
 
     runs = {}
     for name, layout in layouts.items():
         spec = measure_spec(
-            config="realwidth_2rank" if args.config == "realwidth" else args.config, batch="realwidth_packs", mixed_precision=args.precision == "mixed", grad_ckpt=False, optimizer=args.optimizer,
+            config=config, batch="realwidth_packs", mixed_precision=args.precision == "mixed", grad_ckpt=False, optimizer=args.optimizer,
             measure_memory=measure_memory, timed_steps=timed_steps, **layout,
         )
         ok, text = fits(spec)
@@ -251,13 +300,14 @@ def ep_speed(runs: dict) -> dict:
         return {name: run.get("skipped", "ran") for name, run in runs.items()}
     seconds = {name: [max(steps) for steps in zip(*(r["step_seconds"] for r in run["ranks"]))] for name, run in runs.items()}
     summary = ratio_summary(seconds["fsdp2_ep2"], seconds["fsdp2_ep1"])
+    config = runs["fsdp2_ep2"]["spec"]["config"]
     print(format_table(
         ["layout", "median s", "steps (s)", "loss (rank 0)"],
         [[name, statistics.median(s), " ".join(f"{x:.2f}" for x in s), runs[name]["ranks"][0]["loss"]] for name, s in seconds.items()],
-        title="ep: training step (fwd+bwd+optimizer) on 2 gloo ranks, slowest rank per step; one launch per layout (consecutive, not interleaved)",
+        title=f"ep: training step (fwd+bwd+optimizer) of the {config} thinker on 2 gloo ranks, slowest rank per step; one launch per layout (consecutive, not interleaved)",
     ))
     print(f"ratio EP2/EP1 = {summary['ratio']:.3f} (median of per-step ratios; range {summary['ratio_min']:.3f}..{summary['ratio_max']:.3f})")
-    return {"ep2_vs_ep1": summary, "step_seconds": seconds}
+    return {"ep2_vs_ep1": summary, "step_seconds": seconds, "config": config}
 
 
 def main(argv=None) -> int:
@@ -285,24 +335,18 @@ def main(argv=None) -> int:
     if "speed" in sections:
         payload["speed"] = speed(args, args.config, reps, warmup)
         print()
-    layouts = {}
+    realwidth = args.config == "realwidth"
     if "memory" in sections:
-        layouts.update(MEMORY_LAYOUTS)
-    if "ep" in sections:
-        layouts.update(EP_LAYOUTS)
-    runs = {}
-    for name, layout in layouts.items():  # one launch per layout: memory measured where asked, steps timed where asked
-        timed = reps if "ep" in sections and name in EP_LAYOUTS else 0
-        runs.update(run_layouts(args, {name: layout}, measure_memory="memory" in sections, timed_steps=timed))
-    if "memory" in sections:
+        runs = run_layouts(args, "realwidth_2rank" if realwidth else args.config, MEMORY_LAYOUTS, measure_memory=True, timed_steps=0)
         print()
-        payload["memory"] = memory(runs)  # every launch measured memory, the EP 1 one too when ep runs
+        payload["memory"] = memory(runs)
     if "ep" in sections:
+        runs = run_layouts(args, "realwidth_ep" if realwidth else args.config, EP_LAYOUTS, measure_memory=False, timed_steps=reps)
         print()
-        payload["ep"] = ep_speed({name: runs[name] for name in EP_LAYOUTS})
+        payload["ep"] = ep_speed(runs)
     machine = machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, loadavg {machine.get('loadavg_1m')}")
     if contention_note(machine, args.clock):
         print(contention_note(machine, args.clock))
     emit({**payload, "machine": machine}, args.json)
-    return 0
+    return 1 if "speed" in sections and payload["speed"]["parity_with_hf"]["errors"] else 0
