@@ -1,6 +1,6 @@
 """What the multi-rank workers in tests/dist share, so each worker holds only its own cases: the model
 built as VeOmni's trainer builds it, one training step's loss scaled as VeOmni's trainer scales it,
-and whole gradients. Workers import it as a neighbour (`from _common import ...`): torchrun puts a
+whole gradients, and the save-and-leave at the end. Workers import it as a neighbour (`from _common import ...`): torchrun puts a
 script's directory first on sys.path."""
 
 from __future__ import annotations
@@ -60,6 +60,15 @@ def summed_over_ranks(value: torch.Tensor) -> float:
     total = value.detach().clone()
     dist.all_reduce(total)
     return total.item()
+
+
+def finish(results, out_file: str) -> None:
+    """The worker's last step: rank 0 saves `results` (torch.save) for the test to read, then every rank
+    leaves the group together."""
+    if dist.get_rank() == 0:
+        torch.save(results, out_file)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def on_every_rank(value) -> list:

@@ -13,10 +13,9 @@ import sys
 import time
 from datetime import timedelta
 
-import torch
 import torch.distributed as dist
 
-from _common import build, full_gradients, step_counting_vit  # same directory (patches applied there first)
+from _common import build, finish, full_gradients, step_counting_vit  # same directory (patches applied there first)
 from veomni.distributed.parallel_state import clear_parallel_state, get_parallel_state, init_parallel_state
 
 from veomni_omni.data.checks import BadInputError, check_micro_batch, padding_batch
@@ -82,10 +81,7 @@ def main():
     except ValueError as error:
         results["eager_under_sp"] = str(error)
 
-    if rank == 0:
-        torch.save(results, out_file)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(results, out_file)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 import veomni_omni  # noqa: F401
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
+from _common import finish, on_every_rank  # same directory
 from veomni.distributed.parallel_state import init_parallel_state
 
 from veomni_omni.models import moe
@@ -69,12 +70,7 @@ def main():
         errors.update({f"fused EP vs torch EP: {name}": relative(fused[name], native[name]) for name in native})
     moe.set_moe_implementation(None)
 
-    gathered = [None] * world
-    dist.all_gather_object(gathered, errors)
-    if rank == 0:
-        torch.save(gathered, out_file)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(on_every_rank(errors), out_file)
 
 
 if __name__ == "__main__":

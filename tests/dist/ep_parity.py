@@ -16,7 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from _common import build, full_gradients, summed_over_ranks, veomni_scaled_loss  # same directory (patches applied there first)
+from _common import build, finish, full_gradients, summed_over_ranks, veomni_scaled_loss  # same directory (patches applied there first)
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 from veomni.distributed.parallel_state import get_parallel_state, init_parallel_state
 
@@ -99,10 +99,7 @@ def main():
         model = build(checkpoint, mixed_precision=True)
         for name in spec["mixed_precision_cases"]:
             run("mixed_precision", name)
-    if rank == 0:
-        torch.save(results, out_file)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(results, out_file)
 
 
 if __name__ == "__main__":

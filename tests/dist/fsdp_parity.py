@@ -9,10 +9,9 @@ import json
 import sys
 from datetime import timedelta
 
-import torch
 import torch.distributed as dist
 
-from _common import build, step_counting_vit  # same directory (patches applied there first)
+from _common import build, finish, step_counting_vit  # same directory (patches applied there first)
 from veomni.distributed.parallel_state import init_parallel_state
 
 from veomni_omni.data.shaped_batches import build_batch
@@ -51,10 +50,7 @@ def main():
             loss, _, vit_calls = step_counting_vit(mixed, batch)
             if rank == 0:
                 results[f"mixed_precision/{name}"] = {"loss": loss, "vit_calls": vit_calls}
-    if rank == 0:
-        torch.save(results, out_file)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(results, out_file)
 
 
 if __name__ == "__main__":

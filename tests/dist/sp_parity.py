@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from _common import build, full_gradients, summed_over_ranks, veomni_scaled_loss  # same directory (patches applied there first)
+from _common import build, finish, full_gradients, summed_over_ranks, veomni_scaled_loss  # same directory (patches applied there first)
 from veomni.distributed.parallel_state import get_parallel_state, init_parallel_state
 
 from veomni_omni.data.sequence_parallel import pack_rows, shard_for_sequence_parallel
@@ -71,10 +71,7 @@ def main():
         total = summed_over_ranks(loss)
         if dist.get_rank() == 0:
             results[name] = {"loss": total / world, "grads": grads, "flash_calls": flash_calls - calls_before}
-    if dist.get_rank() == 0:
-        torch.save(results, out_file)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(results, out_file)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from _common import build, full_gradients, on_every_rank, summed_over_ranks, veomni_scaled_loss  # same directory
+from _common import build, finish, full_gradients, on_every_rank, summed_over_ranks, veomni_scaled_loss  # same directory
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 from veomni.distributed.parallel_state import init_parallel_state
 
@@ -40,10 +40,7 @@ def main():
         result = {"loss": summed_over_ranks(loss) / world, "grads": grads, "turns": on_every_rank(len(out.talker_logits))}
         if rank == 0:
             results[case] = result
-    if rank == 0:
-        torch.save(results, out_file)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(results, out_file)
 
 
 if __name__ == "__main__":
