@@ -341,3 +341,17 @@ def test_realwidth_gradient_parity_compares_every_gradient_with_unpatched_hf(mon
     monkeypatch.setattr(veomni_omni, "unpatched", nudged_lm_head)
     errors = gradient_parity(model, batch)["errors"]
     assert errors and errors[0].startswith("loss ") and len(errors) > 1, errors  # the loss, then the gradients that moved
+
+
+def test_plan_joint_speech_training_matches_memory_measured_on_cpu_ranks(capsys):
+    """`plan --train joint --measure-cpu`: the talker and the thinker train together (VeOmni's
+    `train_thinker: true`) on 2 gloo ranks with the CPU omni model and two spoken turns per rank: the
+    sharded state (thinker + talker trainable, code2wav frozen) exactly, the step's peak within 15 %."""
+    code, payload, out = run_bench(capsys, "plan", "--gpus", "2", "--ep", "2", "--train", "joint", "--measure-cpu", "--measure-ep", "2", "--json")
+    assert code == 0
+    measured = payload["measured_cpu"]
+    assert measured["spec"]["train"] == "joint"
+    assert all(r["spoken_turns"] == 2 and math.isfinite(r["loss"]) for r in measured["ranks"]), measured["ranks"]
+    assert measured["ratios"]["static"] == pytest.approx(1, rel=1e-3), measured
+    assert 0.85 <= measured["ratios"]["peak"] <= 1.15, measured
+    assert "talker and thinker training (joint)" in out

@@ -59,7 +59,7 @@ talker, code2wav; `RELEASED_PARAMS`), frozen parts at their stored dtype, the FS
 sequences of `--talker-context` + 9 + `--speech-frames` tokens (`plan_speech`, `TalkerActivations`).
 The plan also searches the fewest GPUs (and the EP size among the divisors) on which the layout fits.
 `--measure-cpu` checks the model against a real FSDP2 step of a reduced thinker on 2 CPU ranks (`plan_cpu`);
-with `--train talker`, talker training of a reduced omni model (`configs.cpu_omni_config`).
+with `--train talker` or `joint`, speech training of a reduced omni model (`configs.cpu_omni_config`).
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ ROW = [("prompt", 16), ("image", 1, 16, 16), ("text", 160), ("audio", 800), ("te
 # Speech output (`plan --train talker --measure-cpu`): each rank packs two chats, a user turn with an image
 # and an audio clip, answered by a spoken turn of this many codec frames (16 s at 12.5 frames a second).
 SPEECH_FRAMES = 200
+SPEECH_MODES = ("talker", "joint")  # `plan --train` values that train speech output
 
 
 def thinker_config(name: str):
@@ -68,13 +69,13 @@ def measure_spec(config="cpu", batch="row", ep=1, sp=1, mixed_precision=True, gr
                  speech_frames=SPEECH_FRAMES) -> dict:
     """The worker's spec (defaults: `plan --measure-cpu`'s run). `train` "talker": the whole model of
     `config` (an omni config) with the thinker and code2wav frozen, on the "speech" batch (spoken turns
-    of `speech_frames` frames)."""
+    of `speech_frames` frames); "joint": the same with the thinker training too."""
     if optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer {optimizer!r}: adamw or sgd")
     if RANKS % ep or RANKS % sp:
         raise ValueError(f"ep ({ep}) and sp ({sp}) must divide the {RANKS} ranks")
-    if train not in ("thinker", "talker"):
-        raise ValueError(f"train {train!r}: thinker or talker")
+    if train not in ("thinker", *SPEECH_MODES):
+        raise ValueError(f"train {train!r}: thinker, talker or joint")
     return dict(config=config, batch=batch, ep=ep, sp=sp, mixed_precision=mixed_precision, grad_ckpt=grad_ckpt,
                 optimizer=optimizer, lora_rank=lora_rank, lora_targets=list(lora_targets),
                 measure_memory=measure_memory, timed_steps=timed_steps, train=train, speech_frames=speech_frames)
@@ -203,6 +204,7 @@ def worker() -> None:
     from veomni.optim import build_optimizer
 
     from veomni_omni.bench.plan import apply_lora, build_meta_omni, build_meta_thinker, lora_config
+    from veomni_omni.integration.speech_training import SpeechTraining
     from veomni_omni.tiny import TOKENS
 
     out_file, spec = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())
@@ -216,10 +218,12 @@ def worker() -> None:
     torch.manual_seed(0)
     profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True) if spec["measure_memory"] else contextlib.nullcontext()
     with profiler as prof:
-        if spec["train"] == "talker":  # as VeOmni's trainer trains speech output with the thinker frozen
+        if spec["train"] in SPEECH_MODES:  # as VeOmni's trainer trains speech output (integration/speech_training.py)
             model = build_meta_omni(thinker_config(spec["config"]))
-            model.thinker.requires_grad_(False)
+            joint = spec["train"] == "joint"
+            model.thinker.requires_grad_(joint)
             model.code2wav.requires_grad_(False)
+            model.speech_training = SpeechTraining(train_thinker=joint)
         else:
             model = build_meta_thinker(thinker_config(spec["config"]))
         if spec["lora_rank"]:
@@ -283,7 +287,7 @@ def worker() -> None:
         "audio_tokens": int((ids == TOKENS["audio"]).sum()),
         "local_experts": getattr(model.config, "thinker_config", model.config).text_config.num_experts // spec["ep"],
     }
-    if spec["train"] == "talker":
+    if spec["train"] in SPEECH_MODES:
         result.update(speech_shape(batch, model.config))
     if spec["measure_memory"]:
         peak, before, peak_ops = _peak_in(prof, "measured_step")
@@ -333,7 +337,7 @@ def predicted(spec: dict, measured: dict) -> dict:
     """`plan.plan` for the measured model, batch and layout."""
     from .plan import GIB, build_planned_model, plan
 
-    speech = {k: measured[k] for k in ("spoken_turns", "talker_context", "speech_frames")} if spec["train"] == "talker" else None
+    speech = {k: measured[k] for k in ("spoken_turns", "talker_context", "speech_frames")} if spec["train"] in SPEECH_MODES else None
     layout = plan_args(spec, measured["tokens"], measured["visual_tokens"], measured["audio_tokens"], speech)
     result = plan(layout, build_planned_model(layout, thinker_config(spec["config"])))
     return {
@@ -347,8 +351,8 @@ def predicted(spec: dict, measured: dict) -> dict:
 
 def describe(spec: dict) -> str:
     what = f"LoRA rank {spec['lora_rank']}" if spec["lora_rank"] else "full fine-tuning"
-    if spec["train"] == "talker":
-        what = "talker training (thinker frozen)"
+    if spec["train"] in SPEECH_MODES:
+        what = "talker training (thinker frozen)" if spec["train"] == "talker" else "talker and thinker training (joint)"
     dtypes = "fp32 shards, bf16 compute, fp32 reductions" if spec["mixed_precision"] else "fp32 throughout"
     ckpt = "gradient checkpointing" if spec["grad_ckpt"] else "no gradient checkpointing"
     optim = "VeOmni's fused AdamW" if spec["optimizer"] == "adamw" else "stateless SGD"
@@ -395,10 +399,8 @@ def compare(spec: dict, ranks: list[dict]) -> dict:
 
 def measure_cpu(args) -> dict:
     """`plan --measure-cpu`: the reduced thinker, mixed precision, gradient checkpointing, AdamW."""
-    if args.train == "joint":
-        raise SystemExit("--measure-cpu measures --train thinker or talker")
-    if args.train == "talker":
-        spec = measure_spec(config="cpu_omni", batch="speech", ep=args.measure_ep, train="talker")
+    if args.train in SPEECH_MODES:
+        spec = measure_spec(config="cpu_omni", batch="speech", ep=args.measure_ep, train=args.train)
     else:
         spec = measure_spec(ep=args.measure_ep, lora_rank=args.lora_rank, lora_targets=args.lora_targets)
     print()
