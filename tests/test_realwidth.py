@@ -1,8 +1,9 @@
 """Parity at the released model's widths (`bench.configs.realwidth_thinker_config`: Qwen3-Omni-30B-A3B's
 thinker with two MoE text layers, a 2-block ViT with one deepstack level and 2 audio layers; hidden 2048,
 128 experts top-8, 32 q / 4 kv heads of 128, M-RoPE [24, 20, 20]; ViT 1152 wide with 16 heads; audio
-1280 wide with 20 heads). The vocabulary is cut to `REALWIDTH_2RANK_VOCAB` (32768 of 152064; ~1.5B
-parameters): at the released vocabulary two fp32 ranks do not fit CI's 24 GiB (see configs.py).
+1280 wide with 20 heads). The 2-rank runs cut the vocabulary to `REALWIDTH_2RANK_VOCAB` (32768 of 152064;
+~1.5B parameters): at the released vocabulary two fp32 ranks do not fit CI's 24 GiB (see configs.py). One
+process checks the released vocabulary: the patched model against unpatched HF (`bench realwidth --sections parity`).
 
 The unpatched single-process HF thinker computes the loss and every gradient on the global batch
 (`REALWIDTH_SAMPLES`: an image of 256 visual tokens, a 10 s clip, a 4-frame video, text; 2080 tokens,
@@ -22,6 +23,7 @@ import pytest
 from veomni_omni.bench.configs import (
     REALWIDTH_2RANK_VOCAB, REALWIDTH_DP_PACKS, REALWIDTH_EP_TEXT_LAYERS, REALWIDTH_SAMPLES, realwidth_dp_batches, realwidth_thinker_config,
 )
+from veomni_omni.bench.plan import build_meta_thinker
 from veomni_omni.bench.plan_cpu import thinker_config
 from veomni_omni.data.shaped_batches import concat_batches
 from veomni_omni.launch import run_ranks
@@ -69,6 +71,26 @@ def test_the_model_and_batch_have_real_widths_and_a_realistic_mix():
     assert int((ids == TOKENS["image"]).sum()) >= 200 and int((ids == TOKENS["video"]).sum()) > 0
     assert batch["feature_attention_mask"].sum() == 1000, "a 10 s clip: 1000 mel frames"
     assert sorted(n for pack in REALWIDTH_DP_PACKS for n in pack) == sorted(REALWIDTH_SAMPLES)
+
+
+@pytest.mark.timeout(1800)
+def test_released_vocabulary_gradients_match_unpatched_hf(tmp_path):
+    """The 2-rank runs cut the vocabulary; this one keeps the released 152064: `bench realwidth --sections
+    parity` runs one step of the patched 2.02B model and one of unpatched HF on the same instance (HF's
+    gradients through disk) in a subprocess, and the loss and all gradients must match."""
+    run = subprocess.run(
+        [sys.executable, "-m", "veomni_omni.bench", "realwidth", "--sections", "parity", "--json"],
+        capture_output=True, text=True, timeout=1500,
+    )
+    lines = [line for line in run.stdout.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("{"), f"exit {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    parity = json.loads(lines[-1])["parity"]
+    print(f"released vocabulary: loss {parity['loss']:.6f} (HF {parity['hf_loss']:.6f}), {parity['gradients']} gradients, "
+          f"largest relative difference {parity['max_relative_difference']:.2e}")
+    assert not parity["errors"], "\n".join(parity["errors"][:20])
+    names = [name for name, _ in build_meta_thinker(realwidth_thinker_config()).named_parameters()]
+    assert parity["vocab_size"] == 152064 and parity["gradients"] == parity["parameters"] == len(names), parity
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 @pytest.mark.timeout(1800)

@@ -1,4 +1,4 @@
-"""realwidth: the released thinker's widths at reduced depth on CPU: memory against the planner, speed against HF and VeOmni.
+"""realwidth: the released thinker's widths at reduced depth on CPU: gradients against HF, memory against the planner, speed against HF and VeOmni.
 
 The model is `configs.realwidth_thinker_config` (2 MoE text layers at real width: hidden 2048, 128
 experts top-8, vocabulary 152064; a 2-block ViT; 2 audio layers; ~2.0B parameters), fp32, and the
@@ -14,9 +14,10 @@ Sections (`--sections`, default all):
   `veomni_omni.unpatched()`); (b) ours vs VeOmni 0.1.12's generated model (`veomni`'s method), which
   shares our parameter tensors (a second copy would not fit) and its own gradients freed after each
   step. The batch is the four samples as padded rows. Where ours is slower, one step of each under
-  torch.profiler: the top ops by self CPU time. Then (c) parity with unpatched HF at the released
-  vocabulary: the loss and every gradient of one step of each (the 2-rank parity test cuts the
-  vocabulary); the command exits 1 when they differ beyond the bar.
+  torch.profiler: the top ops by self CPU time.
+- parity: the same model and batch, one step against unpatched HF at the released vocabulary: the loss
+  and every gradient (`gradient_parity`; the 2-rank parity test cuts the vocabulary); the command exits
+  1 when they differ beyond the bar. `tests/test_realwidth.py` runs it.
 - ep: 2 gloo ranks, FSDP2 × EP 2 vs FSDP2 alone (EP 1), the same packed data (rank r packs
   `REALWIDTH_DP_PACKS[r]`); timed training steps (forward, backward, optimizer step) of one launch per
   layout, so consecutive rather than interleaved; the ratio pairs the launches' steps in order. At real
@@ -31,8 +32,8 @@ reductions); `--optimizer`: VeOmni's AdamW, or a stateless SGD (the default at r
 two fp32 states per parameter do not fit beside two ranks), whose plan counts no optimizer state. A
 2-rank run whose plan, plus each rank's process overhead, exceeds the available memory is skipped
 with the numbers.
-JSON: {"speed": {"patched_vs_hf": {"ratio", ...}, "ours_vs_veomni": {...}, "parity_with_hf": {"max_relative_difference",
-"errors", ...}}, "ep": {"ep2_vs_ep1": {...}},
+JSON: {"speed": {"patched_vs_hf": {"ratio", ...}, "ours_vs_veomni": {...}}, "parity": {"max_relative_difference",
+"errors", ...}, "ep": {"ep2_vs_ep1": {...}},
 "memory": {"fsdp2_ep2": {"ratios": {"peak", "static"}, ...}, "sp2_ep2": {...}}, "machine": ...}.
 """
 
@@ -56,7 +57,7 @@ from .common import (
     set_threads,
 )
 
-SECTIONS = ("speed", "ep", "memory")
+SECTIONS = ("parity", "speed", "ep", "memory")
 MEMORY_LAYOUTS = {"fsdp2_ep2": dict(ep=2, sp=1), "sp2_ep2": dict(ep=2, sp=2)}
 EP_LAYOUTS = {"fsdp2_ep2": dict(ep=2, sp=1), "fsdp2_ep1": dict(ep=1, sp=1)}
 GIB = 2**30
@@ -124,6 +125,7 @@ def gradient_parity(model, batch: dict) -> dict:
         errors.insert(0, f"loss {loss} vs HF {hf_loss}")
     result = {
         "loss": loss, "hf_loss": hf_loss, "gradients": sum(entry is not None for entry in table.values()),
+        "parameters": len(table), "vocab_size": model.config.text_config.vocab_size,
         "max_relative_difference": table_max_relative_difference(table), "errors": errors,
     }
     print(
@@ -134,20 +136,28 @@ def gradient_parity(model, batch: dict) -> dict:
     return result
 
 
-def speed(args, config_name: str, reps: int, warmup: int) -> dict:
+def patched_thinker(config_name: str):
+    """The patched thinker of `config_name` (`plan_cpu.thinker_config`; seed 0, train mode) and its batch
+    (`speed_batch`), for the speed and parity sections."""
     from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 
     import veomni_omni
-    from veomni_omni.integration.settings import eager_ops_config
 
-    from .veomni_vs_ours import build_veomni_thinker, to_veomni_inputs, veomni_ops
     from .plan_cpu import thinker_config
 
     veomni_omni.apply()
     config = thinker_config(config_name)
     torch.manual_seed(0)
-    ours = Qwen3OmniMoeThinkerForConditionalGeneration(config).train()
-    batch = speed_batch(config)
+    return Qwen3OmniMoeThinkerForConditionalGeneration(config).train(), speed_batch(config)
+
+
+def speed(args, ours, batch: dict, reps: int, warmup: int) -> dict:
+    import veomni_omni
+    from veomni_omni.integration.settings import eager_ops_config
+
+    from .veomni_vs_ours import build_veomni_thinker, to_veomni_inputs, veomni_ops
+
+    config = ours.config
     ops_config = eager_ops_config()
     with veomni_ops(ops_config):
         theirs = build_veomni_thinker(config, ops_config, ours.state_dict(), share_from=ours).train()
@@ -186,7 +196,7 @@ def speed(args, config_name: str, reps: int, warmup: int) -> dict:
         ["contender", "median ms", "min ms", "max ms", "loss"],
         [[name, statistics.median(t) * 1e3, min(t) * 1e3, max(t) * 1e3, losses[name]] for name, t in times.items()],
         title=(
-            f"speed: fwd+bwd, {config_name} thinker {result['params'] / 1e9:.2f}B params, batch {tuple(batch['input_ids'].shape)} "
+            f"speed: fwd+bwd, {args.config} thinker {result['params'] / 1e9:.2f}B params, batch {tuple(batch['input_ids'].shape)} "
             f"({result['tokens']} tokens), fp32, {torch.get_num_threads()} threads, {reps} interleaved rounds after {warmup} warm-up "
             f"({args.clock} clock; few rounds: a step takes about a minute at real width)"
         ),
@@ -203,7 +213,6 @@ def speed(args, config_name: str, reps: int, warmup: int) -> dict:
     for name, rows in profiles.items():
         print(format_table(["op", "self CPU ms", "share", "calls"], rows, title=f"where {name}'s step goes (top ops by self CPU time)"))
     result["profile_top_ops"] = profiles
-    result["parity_with_hf"] = gradient_parity(ours, batch)
     return result
 
 
@@ -332,8 +341,13 @@ def main(argv=None) -> int:
     reps, warmup = (2, 0) if args.quick else (args.reps, args.warmup)
 
     payload = {"benchmark": "realwidth", "config": args.config, "sections": sections, "quick": args.quick, "clock": args.clock}
-    if "speed" in sections:
-        payload["speed"] = speed(args, args.config, reps, warmup)
+    if {"parity", "speed"} & set(sections):  # one model for both
+        model, batch = patched_thinker(args.config)
+        if "speed" in sections:
+            payload["speed"] = speed(args, model, batch, reps, warmup)
+        if "parity" in sections:
+            payload["parity"] = gradient_parity(model, batch)
+        del model
         print()
     realwidth = args.config == "realwidth"
     if "memory" in sections:
@@ -349,4 +363,4 @@ def main(argv=None) -> int:
     if contention_note(machine, args.clock):
         print(contention_note(machine, args.clock))
     emit({**payload, "machine": machine}, args.json)
-    return 1 if "speed" in sections and payload["speed"]["parity_with_hf"]["errors"] else 0
+    return 1 if "parity" in sections and payload["parity"]["errors"] else 0
