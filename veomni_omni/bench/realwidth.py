@@ -102,7 +102,7 @@ def gradient_parity(model, batch: dict) -> dict:
     from pathlib import Path
 
     import veomni_omni
-    from veomni_omni.parity import PARITY_RTOL, table_errors, table_max_relative_difference, tensor_difference
+    from veomni_omni.parity import PARITY_RTOL, difference_table, table_errors, table_max_relative_difference
 
     def loss_and_gradients(context) -> float:
         model.zero_grad(set_to_none=True)
@@ -117,7 +117,7 @@ def gradient_parity(model, batch: dict) -> dict:
         torch.save({name: p.grad for name, p in model.named_parameters() if p.grad is not None}, saved)
         loss = loss_and_gradients(contextlib.nullcontext)
         hf_grads = torch.load(saved, mmap=True, weights_only=True)
-        table = {name: tensor_difference(p.grad, hf_grads.get(name)) for name, p in model.named_parameters()}
+        table = difference_table({name: p.grad for name, p in model.named_parameters()}, hf_grads)
         del hf_grads
     model.zero_grad(set_to_none=True)
     errors = table_errors(table)
